@@ -63,6 +63,9 @@ class SynthConfig(_Strict):
     teacher_samples: int = Field(default=1, ge=0)
     teacher_temperature: float = Field(default=0.8, gt=0)
     reasons: bool = True
+    # AS-IS replies and reasons are made for this many training inputs: they only feed the
+    # prompt-generation examples, a small share of the loss.
+    n_pg_examples: int = Field(default=24, ge=0)
     reason_max_new_tokens: int = Field(default=64, gt=0)
     seed: int = 0
 

@@ -1,0 +1,166 @@
+"""`genpi` command line: internalize, eval, chat, inspect. Thin: parsing and printing only."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _common(p: argparse.ArgumentParser, overrides: bool = True) -> None:
+    p.add_argument("--store", help="artifact store: a folder or an fsspec URI (default: config 'store')")
+    p.add_argument("--config", help="YAML config file")
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="genpi", description="Internalize system prompts into LoRA adapters.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("internalize", help="synthesize, train, evaluate and publish the prompts of a manifest")
+    p.add_argument("manifest", help="prompt file (YAML/JSONL) or a folder of them")
+    p.add_argument("--force", action="store_true", help="redo prompts that are already published")
+    _common(p)
+    p = sub.add_parser("eval", help="re-evaluate a published adapter")
+    p.add_argument("prompt_id")
+    _common(p)
+    p = sub.add_parser("chat", help="reply from the adapter, without the prompt")
+    p.add_argument("prompt_id")
+    p.add_argument("message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    _common(p)
+    p = sub.add_parser("inspect", help="what is published, with its metrics")
+    _common(p, overrides=False)
+    return ap
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # transformers' per-load progress bars and advice drown the pipeline's own progress.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _config(args):
+    from genpi.config import load_config
+
+    cfg = load_config(args.config, getattr(args, "overrides", None))
+    if args.store:
+        cfg = cfg.with_overrides({"store": args.store})
+    return cfg
+
+
+def cmd_internalize(args) -> int:
+    from genpi.internalize import Internalizer, check_lengths, plan
+    from genpi.manifest import load_manifest
+    from genpi.report import print_plan, write_run_report
+    from genpi.store import Store
+
+    cfg = _config(args)
+    entries = load_manifest(args.manifest, validate_overrides=lambda o: cfg.with_overrides(o))
+    store = Store(cfg.store)
+    t0 = time.time()
+    runner = Internalizer(cfg, store)
+    check_lengths(entries, runner.tok, runner.context(), cfg)
+    plans = plan(entries, cfg, store, runner.resolved.identity, runner.tok)
+    print_plan(plans)
+    results = runner.run(plans, force=args.force)
+    run_dir, text = write_run_report(store, plans, results, time.time() - t0)
+    print(text)
+    print(f"report: {run_dir}/report.md")
+    return 0 if all(r.status != "failed" for r in results) else 1
+
+
+def _published(store, prompt_id: str):
+    fp = store.published(prompt_id)
+    if fp is None:
+        known = ", ".join(sorted(store.registry())) or "none"
+        raise LookupError(f"no published adapter for prompt '{prompt_id}' in {store.uri} (published: {known})")
+    return fp
+
+
+def _spec_config(store, pdir, args):
+    from genpi.config import GenpiConfig
+    from genpi.manifest import PromptEntry
+
+    spec = store.read_json(f"{pdir}/spec.json")
+    cfg = GenpiConfig.model_validate(spec["config"])
+    if getattr(args, "overrides", None):
+        cfg = cfg.with_overrides(args.overrides, "command line")
+    return PromptEntry.model_validate(spec["entry"]), cfg
+
+
+def cmd_eval(args) -> int:
+    from genpi.internalize import Internalizer, PromptPlan
+    from genpi.report import format_eval
+    from genpi.store import Store
+
+    store = Store(_config(args).store)
+    fp = _published(store, args.prompt_id)
+    pdir = store.prompt_dir(args.prompt_id, fp)
+    entry, cfg = _spec_config(store, pdir, args)
+    runner = Internalizer(cfg, store)
+    result = runner._eval(PromptPlan(entry, cfg, fp, "unchanged"), pdir, force=True)
+    print(format_eval(result))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from peft import PeftModel
+
+    from genpi.engines.base import ChatRequest
+    from genpi.engines.hf import HFEngine
+    from genpi.models import load_model
+    from genpi.store import Store
+
+    store = Store(_config(args).store)
+    fp = _published(store, args.prompt_id)
+    pdir = store.prompt_dir(args.prompt_id, fp)
+    _, cfg = _spec_config(store, pdir, args)
+    import tempfile
+
+    model, tok, _ = load_model(cfg.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = PeftModel.from_pretrained(model, store.get_dir(f"{pdir}/adapter", tmp), adapter_name="adapter")
+    engine = HFEngine(model, tok, 1)
+    out = engine.generate([ChatRequest([{"role": "user", "content": args.message}], args.max_new_tokens, adapter="adapter")])
+    print(out[0].text)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from genpi.report import format_inspect
+    from genpi.store import Store
+
+    print(format_inspect(Store(_config(args).store)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from genpi.config import ConfigError
+    from genpi.manifest import ManifestError
+    from genpi.models import ModelError
+
+    try:
+        return {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect}[args.cmd](args)
+    except (ConfigError, ManifestError, ModelError, LookupError, FileNotFoundError) as e:
+        # Input problems get a message, not a traceback (use -v for one).
+        if args.verbose:
+            raise
+        print(f"genpi {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Artifact store on a local path or any fsspec URI, with atomic publish and a registry.
+
+Layout (see DESIGN.md):
+    <store>/prompts/<prompt_id>/<fingerprint>/spec.json, synth/*.parquet, adapter/, eval.json, DONE
+    <store>/registry.json        prompt id -> published fingerprint
+    <store>/runs/<run_id>/       reports
+Each stage has its own completion marker so a killed run redoes only unfinished stages;
+`DONE` is written last and nothing without it is ever served or skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+
+REGISTRY = "registry.json"
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """Stable short hash of everything that determines a prompt's artifacts."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        self.root = path.rstrip("/") if not self.local else os.path.abspath(path)
+        self.uri = root
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    # ---- paths -----------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def prompt_dir(self, prompt_id: str, fp: str) -> str:
+        return self.path("prompts", prompt_id, fp)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    # ---- atomic writes ---------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Readers see the old file or the new one, never a partial one."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            # Object stores make a single PUT visible atomically.
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode())
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read().decode())
+
+    def write_parquet(self, path: str, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        self.write_bytes(path, buf.getvalue())
+
+    def read_parquet(self, path: str) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pylist()
+
+    def put_dir(self, local_dir: str, path: str) -> None:
+        """Copy a finished local folder to `path` so it appears whole or not at all."""
+        if self.local:
+            import shutil
+
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(local_dir, tmp)
+            if os.path.exists(path):
+                # Only an unfinished earlier attempt can be here (no DONE yet): replace it.
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        else:
+            # Files first; the caller's marker (written after) is what makes it count.
+            self.fs.put(local_dir.rstrip("/") + "/", path + "/", recursive=True)
+
+    def get_dir(self, path: str, local_dir: str) -> str:
+        """A local copy of a stored folder (itself, on a local store)."""
+        if self.local:
+            return path
+        self.fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+        return local_dir
+
+    # ---- completion and registry -----------------------------------------------------
+    def is_done(self, prompt_id: str, fp: str) -> bool:
+        return self.exists(self.path("prompts", prompt_id, fp, "DONE"))
+
+    @contextlib.contextmanager
+    def _registry_lock(self) -> Iterator[None]:
+        if not self.local:
+            yield  # single writer per job on object stores: last PUT wins, each PUT is whole
+            return
+        import fcntl
+
+        with open(self.path(".registry.lock"), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def registry(self) -> dict[str, dict[str, Any]]:
+        p = self.path(REGISTRY)
+        return self.read_json(p) if self.exists(p) else {}
+
+    def publish(self, prompt_id: str, fp: str, summary: dict[str, Any] | None = None) -> None:
+        """Mark the prompt DONE (last file written) and point the registry at it."""
+        done = self.path("prompts", prompt_id, fp, "DONE")
+        if not self.exists(done):
+            self.write_json(done, {"finished_at": time.time()})
+        with self._registry_lock():
+            reg = self.registry()
+            reg[prompt_id] = {"fingerprint": fp, "published_at": time.time(), **(summary or {})}
+            self.write_json(self.path(REGISTRY), reg)
+
+    def published(self, prompt_id: str) -> str | None:
+        entry = self.registry().get(prompt_id)
+        if entry and self.is_done(prompt_id, entry["fingerprint"]):
+            return entry["fingerprint"]
+        return None

@@ -1,0 +1,1 @@
+"""Synthesis by Self Role-Playing: inputs, AS-IS/TO-BE replies, reasons."""

@@ -1,0 +1,234 @@
+"""Training and evaluation losses: pure torch functions, normalised per token.
+
+Alignment convention (the same for every function here, and the same as
+Hugging Face ``labels``): every per-position input -- ``labels``, the teacher's
+top-k ``teacher_ids`` / ``teacher_logprobs`` and the boolean ``mask`` -- is
+aligned with ``input_ids``. Position ``t`` describes the token *at* ``t``, which
+the model predicts from ``logits[:, t - 1]``. The functions shift internally, so
+callers never shift anything; position 0 has no prediction and is ignored.
+
+Every loss returns ``(sum[B], n[B])``: the per-sequence sum of the per-token
+loss and the number of target tokens of that sequence. Callers average per token
+over whatever group they need (a batch, one adapter in a pack) by summing both
+and dividing; ``mean_*`` helpers do it for a whole batch.
+
+The math runs in float32 even when logits are bf16/fp16, and only on the rows
+that are targets (selected with a boolean index before the upcast), so padding
+and prompt tokens cost no float32 vocabulary-sized memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+# Teacher tail mass at or below this is treated as zero: with K float32
+# logprobs, 1 - sum(p_k) carries a rounding error of a few 1e-7, so a smaller
+# "tail" is noise and its log would be meaningless.
+TAIL_EPS = 1e-6
+
+# A large finite negative logit for the vocabulary entries removed from the
+# student's tail sum. Finite (not -inf) so that a row whose whole vocabulary is
+# in the teacher's top-k still has a finite logsumexp and NaN-free gradients.
+_REMOVED_LOGIT = torch.finfo(torch.float32).min
+# Floor for the student's log tail probability, log of float32's smallest
+# normal number: below it the tail is zero for all practical purposes, and the
+# floor keeps the loss finite in the degenerate case above.
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+LossParts = tuple[Tensor, Tensor]
+
+
+def _check_logits(logits: Tensor, batch_shape: tuple[int, ...], what: str) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if tuple(logits.shape[:2]) != tuple(batch_shape):
+        raise ValueError(
+            f"logits [B, T] = {tuple(logits.shape[:2])} does not match {what} {tuple(batch_shape)}"
+        )
+
+
+def _per_sequence_sum(values: Tensor, target_mask: Tensor) -> Tensor:
+    """Scatter per-target values (in boolean-index order of ``target_mask``) back to
+    per-sequence sums of shape [B]."""
+    batch_size = target_mask.shape[0]
+    batch_index = torch.arange(batch_size, device=target_mask.device)
+    batch_index = batch_index[:, None].expand_as(target_mask)[target_mask]
+    out = torch.zeros(batch_size, dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch_index, values)
+
+
+def _batch_mean(parts: LossParts) -> Tensor:
+    loss_sum, n = parts
+    # clamp: an empty batch gives 0 / 1 = 0 instead of NaN, with no host sync.
+    return loss_sum.sum() / n.sum().clamp_min(1)
+
+
+def token_ce(logits: Tensor, labels: Tensor) -> LossParts:
+    """Cross-entropy of ``labels`` (aligned with input_ids, -100 = ignore) under ``logits``.
+
+    Returns ``(loss_sum[B], n_tokens[B])``; ``loss_sum`` is float32, ``n_tokens`` int64.
+    """
+    _check_logits(logits, tuple(labels.shape), "labels")
+    targets = labels[:, 1:]
+    target_mask = targets != IGNORE_INDEX
+    rows = logits[:, :-1][target_mask].float()  # [N, V], targets only
+    nll = F.cross_entropy(rows, targets[target_mask], reduction="none")
+    return _per_sequence_sum(nll, target_mask), target_mask.sum(dim=1)
+
+
+def mean_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token mean cross-entropy over the whole batch; 0 (not NaN) when no targets."""
+    return _batch_mean(token_ce(logits, labels))
+
+
+def topk_kl(
+    logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    tail_eps: float = TAIL_EPS,
+) -> LossParts:
+    """KL(teacher || student) over the teacher's top-k tokens plus one tail bucket.
+
+    ``teacher_ids`` [B, T, K] (int64) and ``teacher_logprobs`` [B, T, K] at position
+    t are the teacher's top-k for the token *at* t; ``mask`` [B, T] marks the
+    positions that carry a teacher row (like ``labels != -100``).
+
+    Ragged top-k (e.g. vLLM returning k or k + 1 entries) is padded with logprob
+    ``-inf``; such slots count as probability 0 (their ids are ignored). Every
+    masked row needs at least one finite logprob, in its first slot, and no
+    duplicate ids.
+
+    With p the teacher and q the student (full softmax over V):
+        KL = sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)
+    where p_tail = max(0, 1 - sum_k p_k), q_tail = 1 - sum_k q_k computed as a
+    logsumexp over the student logits outside the top-k (exact, no cancellation).
+    The tail term is 0 when p_tail <= ``tail_eps``.
+
+    Returns ``(kl_sum[B], n_tokens[B])``.
+    """
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 3:
+        raise ValueError(
+            "teacher_ids and teacher_logprobs must both be [B, T, K], got "
+            f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}"
+        )
+    if tuple(mask.shape) != tuple(teacher_ids.shape[:2]):
+        raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(teacher_ids.shape[:2])}")
+    _check_logits(logits, tuple(mask.shape), "mask")
+
+    target_mask = mask[:, 1:].bool()
+    rows = logits[:, :-1][target_mask]  # [N, V], a fresh copy (boolean indexing), logits dtype
+    t_lp = teacher_logprobs[:, 1:][target_mask].float()  # [N, K]
+    ids = teacher_ids[:, 1:][target_mask].long()  # [N, K]
+
+    valid = t_lp != float("-inf")
+    # Padded slots point at the row's first (real) id: gathers stay in range and
+    # the scatter below removes nothing extra. Their probability is forced to 0.
+    ids = torch.where(valid, ids, ids[:, :1])
+    t_lp = t_lp.masked_fill(~valid, 0.0)
+    p = t_lp.exp() * valid  # [N, K] teacher probabilities, 0 in padded slots
+
+    # Student log-normaliser split into top-k and tail parts. Only one float32
+    # [N, V] tensor is materialised: the tail logits (top-k removed in place).
+    s_top = rows.gather(-1, ids).float()  # [N, K]
+    tail_logits = rows.float()
+    if tail_logits.data_ptr() == rows.data_ptr():  # already float32: .float() aliased
+        tail_logits = tail_logits.clone()
+    tail_logits.scatter_(-1, ids, _REMOVED_LOGIT)
+    lse_tail = torch.logsumexp(tail_logits, dim=-1)  # [N]
+    lse_top = torch.logsumexp(s_top.masked_fill(~valid, float("-inf")), dim=-1)
+    lse = torch.logaddexp(lse_tail, lse_top)  # log sum_v exp(s_v)
+
+    log_q_top = s_top - lse[:, None]
+    kl_top = (p * (t_lp - log_q_top)).sum(dim=-1)
+
+    p_tail = (1.0 - p.sum(dim=-1)).clamp_min(0.0)
+    has_tail = p_tail > tail_eps
+    log_q_tail = (lse_tail - lse).clamp_min(_LOG_TINY)
+    # where() on sanitised inputs: the unused branch stays finite, so gradients stay NaN-free.
+    log_p_tail = torch.log(torch.where(has_tail, p_tail, torch.ones_like(p_tail)))
+    kl_tail = torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
+
+    return _per_sequence_sum(kl_top + kl_tail, target_mask), target_mask.sum(dim=1)
+
+
+def mean_topk_kl(
+    logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor, *, tail_eps: float = TAIL_EPS
+) -> Tensor:
+    """Per-token mean of :func:`topk_kl` over the batch; 0 (not NaN) when the mask is empty."""
+    return _batch_mean(topk_kl(logits, teacher_ids, teacher_logprobs, mask, tail_eps=tail_eps))
+
+
+def full_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> LossParts:
+    """Per-token KL(teacher || student) over the full vocabulary (for evaluation).
+
+    Both logits are aligned with the *same* token sequence (the caller strips the
+    teacher's prompt prefix so that position t of both predicts the same token);
+    ``mask`` marks target positions like ``labels != -100``. Returns ``(kl_sum[B], n[B])``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    _check_logits(student_logits, tuple(mask.shape), "mask")
+    target_mask = mask[:, 1:].bool()
+    log_q = torch.log_softmax(student_logits[:, :-1][target_mask].float(), dim=-1)
+    log_p = torch.log_softmax(teacher_logits[:, :-1][target_mask].float(), dim=-1)
+    p = log_p.exp()
+    # Tokens the teacher gives exactly probability 0 contribute 0 (0 * log 0 := 0).
+    per_vocab = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return _per_sequence_sum(per_vocab.sum(dim=-1), target_mask), target_mask.sum(dim=1)
+
+
+def mean_full_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Per-token mean of :func:`full_kl` over the batch; 0 when the mask is empty."""
+    return _batch_mean(full_kl(student_logits, teacher_logits, mask))
+
+
+def joint_loss(
+    parts: Mapping[str, LossParts], weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, float]]:
+    """Weighted sum of per-token means: ``sum_name weights[name] * sum / n``.
+
+    Parts with weight 0 or no tokens are left out of the total (an empty part
+    would otherwise contribute 0/0). Every part must have a weight -- a missing
+    one is a configuration error, not an implicit 0. Weights for parts that are
+    absent from this batch are fine (e.g. no PG example in it).
+
+    Returns the total (a scalar tensor that is always part of the autograd graph,
+    so ``backward()`` works even when every part was skipped) and floats for
+    logging: ``<name>`` (per-token mean, for every part with tokens, weighted or
+    not), ``<name>_tokens`` and ``loss``. Calling it syncs with the device once
+    per part (token counts), which a training step does anyway when it logs.
+    """
+    missing = sorted(set(parts) - set(weights))
+    if missing:
+        raise KeyError(f"no loss weight for part(s) {missing}; weights given: {sorted(weights)}")
+    total: Tensor | None = None
+    logs: dict[str, float] = {}
+    for name, (loss_sum, n) in parts.items():
+        n_tokens = int(n.sum().item())
+        logs[f"{name}_tokens"] = float(n_tokens)
+        if n_tokens == 0:
+            continue
+        mean = loss_sum.sum() / n_tokens
+        logs[name] = float(mean.detach().item())
+        weight = float(weights[name])
+        if weight == 0.0:
+            continue
+        total = weight * mean if total is None else total + weight * mean
+    if total is None:
+        # Zero that still depends on the inputs, so backward() yields zero grads.
+        sums = [loss_sum.sum() for loss_sum, _ in parts.values()]
+        total = torch.stack(sums).sum() * 0.0 if sums else torch.zeros(())
+    logs["loss"] = float(total.detach().item())
+    return total, logs
