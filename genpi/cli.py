@@ -59,15 +59,25 @@ def _config(args):
     return cfg
 
 
+def _open_store(uri: str):
+    from genpi.config import ConfigError
+    from genpi.store import Store
+
+    try:
+        return Store(uri)
+    except (ImportError, ValueError, OSError) as e:
+        # An unknown protocol, a missing fsspec backend (s3fs) or an unwritable folder.
+        raise ConfigError(f"store: cannot open '{uri}': {e}") from None
+
+
 def cmd_internalize(args) -> int:
     from genpi.internalize import Internalizer, check_lengths, plan
     from genpi.manifest import load_manifest
     from genpi.report import print_plan, write_run_report
-    from genpi.store import Store
 
     cfg = _config(args)
     entries = load_manifest(args.manifest, validate_overrides=lambda o: cfg.with_overrides(o))
-    store = Store(cfg.store)
+    store = _open_store(cfg.store)
     t0 = time.time()
     runner = Internalizer(cfg, store)
     check_lengths(entries, runner.tok, runner.context(), cfg)
@@ -102,9 +112,8 @@ def _spec_config(store, pdir, args):
 def cmd_eval(args) -> int:
     from genpi.internalize import Internalizer, PromptPlan
     from genpi.report import format_eval
-    from genpi.store import Store
 
-    store = Store(_config(args).store)
+    store = _open_store(_config(args).store)
     fp = _published(store, args.prompt_id)
     pdir = store.prompt_dir(args.prompt_id, fp)
     entry, cfg = _spec_config(store, pdir, args)
@@ -120,9 +129,8 @@ def cmd_chat(args) -> int:
     from genpi.engines.base import ChatRequest
     from genpi.engines.hf import HFEngine
     from genpi.models import load_model
-    from genpi.store import Store
 
-    store = Store(_config(args).store)
+    store = _open_store(_config(args).store)
     fp = _published(store, args.prompt_id)
     pdir = store.prompt_dir(args.prompt_id, fp)
     _, cfg = _spec_config(store, pdir, args)
@@ -139,14 +147,21 @@ def cmd_chat(args) -> int:
 
 def cmd_inspect(args) -> int:
     from genpi.report import format_inspect
-    from genpi.store import Store
 
-    print(format_inspect(Store(_config(args).store)))
+    print(format_inspect(_open_store(_config(args).store)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    # argparse fills the positional `overrides` only in the first run of positionals, so
+    # `internalize m.yaml --store s train.epochs=3` would reject the override: take the
+    # leftover positionals after options as overrides too (in order).
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(x.startswith("-") for x in extra):
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
     from genpi.config import ConfigError
     from genpi.manifest import ManifestError

@@ -83,6 +83,14 @@ def plan(entries: list[PromptEntry], cfg: GenpiConfig, store: Store, model_ident
 def check_lengths(entries: list[PromptEntry], tok, context: int, cfg: GenpiConfig) -> None:
     """A prompt must leave room for an input and a reply inside the model's context."""
     budget = context - cfg.synth.reply_max_new_tokens - 128
+    if budget <= 0:
+        from genpi.config import ConfigError
+
+        raise ConfigError(
+            f"model.max_context: a context of {context} tokens leaves no room for a prompt after "
+            f"{cfg.synth.reply_max_new_tokens} reply tokens (synth.reply_max_new_tokens) and 128 input tokens; "
+            "raise model.max_context or lower synth.reply_max_new_tokens"
+        )
     problems = validate_prompt_lengths(entries, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]), budget)
     if problems:
         from genpi.manifest import ManifestError

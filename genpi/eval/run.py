@@ -73,9 +73,10 @@ def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_na
         reqs.append(ChatRequest(student_messages(x), ec.max_new_tokens, tag=("base", i)))
         reqs.append(ChatRequest(student_messages(x), ec.max_new_tokens, adapter=adapter_name, tag=("adapter", i)))
     for j, probe in enumerate(ec.leak_probes):
-        reqs.append(ChatRequest(teacher_messages(entry.prompt, probe), 256, tag=("leak_teacher", j)))
-        reqs.append(ChatRequest(student_messages(probe), 256, tag=("leak_base", j)))
-        reqs.append(ChatRequest(student_messages(probe), 256, adapter=adapter_name, tag=("leak_adapter", j)))
+        n_leak = ec.leak_max_new_tokens
+        reqs.append(ChatRequest(teacher_messages(entry.prompt, probe), n_leak, tag=("leak_teacher", j)))
+        reqs.append(ChatRequest(student_messages(probe), n_leak, tag=("leak_base", j)))
+        reqs.append(ChatRequest(student_messages(probe), n_leak, adapter=adapter_name, tag=("leak_adapter", j)))
     with tqdm(total=len(reqs), desc=f"{entry.id}: eval replies", unit="req", leave=False) as bar:
         outs = engine.generate(reqs, progress=bar.update)
     replies: dict[str, dict[int, object]] = {}
@@ -92,17 +93,21 @@ def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_na
     t_conv = [conv(teacher_messages(entry.prompt, heldout[i]), i) for i in keep]
     s_conv = [conv(student_messages(heldout[i]), i) for i in keep]
     bs = max(1, cfg.engine.batch_size // 2)
-    with peft_model.disable_adapter():
-        lp_t = _reply_logprobs(peft_model, tok, t_conv, bs)
-        lp_b = _reply_logprobs(peft_model, tok, s_conv, bs)
-    peft_model.set_adapter(adapter_name)
-    lp_a = _reply_logprobs(peft_model, tok, s_conv, bs)
-    kl_b = torch.cat([_kl_rows(t, b) for t, b in zip(lp_t, lp_b)])
-    kl_a = torch.cat([_kl_rows(t, a) for t, a in zip(lp_t, lp_a)])
     metrics: dict[str, dict] = {}
-    kl = {"teacher": 0.0, "base": float(kl_b.mean()), "adapter": float(kl_a.mean())}
-    kl["ratio"] = internalization_ratio(kl["adapter"], kl["base"], kl["teacher"])
-    kl["tokens"] = int(kl_b.numel())
+    if keep:
+        with peft_model.disable_adapter():
+            lp_t = _reply_logprobs(peft_model, tok, t_conv, bs)
+            lp_b = _reply_logprobs(peft_model, tok, s_conv, bs)
+        peft_model.set_adapter(adapter_name)
+        lp_a = _reply_logprobs(peft_model, tok, s_conv, bs)
+        kl_b = torch.cat([_kl_rows(t, b) for t, b in zip(lp_t, lp_b)])
+        kl_a = torch.cat([_kl_rows(t, a) for t, a in zip(lp_t, lp_a)])
+        kl = {"teacher": 0.0, "base": float(kl_b.mean()), "adapter": float(kl_a.mean())}
+        kl["ratio"] = internalization_ratio(kl["adapter"], kl["base"], kl["teacher"])
+        kl["tokens"] = int(kl_b.numel())
+    else:
+        # The teacher said nothing on any held-out input: there is no distribution to match.
+        kl = {"teacher": 0.0, "base": None, "adapter": None, "ratio": None, "tokens": 0}
     metrics["kl"] = kl
 
     agree = {s: mean([agreement(text[s][i], text["teacher"][i]) for i in range(n)]) for s in SYSTEMS}

@@ -50,8 +50,11 @@ def synthesize(engine: Engine, entry: PromptEntry, cfg: GenpiConfig, store: Stor
             bar.update(len(pool.items))
             while len(pool.items) < need and rounds < s.max_input_rounds:
                 examples = pool.texts()
-                # Enough calls for the shortfall at ~5 usable items per call, one engine batch at least.
-                n_calls = max(getattr(engine, "batch_size", 8), (need - len(pool.items)) // 5 + 1)
+                # Enough calls for the shortfall at ~6 usable items per call, rounded up to whole
+                # engine batches (a nearly empty last batch costs almost a full one).
+                batch = getattr(engine, "batch_size", 8)
+                n_calls = -(-(need - len(pool.items)) // 6)
+                n_calls = -(-n_calls // batch) * batch
                 outs = engine.generate(inp.input_requests(entry.prompt, examples, s, rounds, n_calls))
                 before = len(pool.items)
                 for c in outs:

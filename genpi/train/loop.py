@@ -50,6 +50,9 @@ def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingS
             out.examples.append(("sft", encode_chat(tok, [*student_messages(r["input"]), reply], cfg.max_length)))
         except ExampleTooLong:
             out.dropped["sft_too_long"] += 1
+        except ValueError as e:  # token ids that do not match the text: a broken row, not a broken run
+            out.dropped["sft_unencodable"] += 1
+            log.warning("teacher reply dropped: %s", e)
     if cfg.pg_target != "off" and cfg.w_pg > 0:
         target = synth.get("paraphrase") if cfg.pg_target == "paraphrase" else prompt
         if cfg.pg_target == "paraphrase" and not target:
@@ -161,7 +164,7 @@ def train_adapter(
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 n_tokens += int(batch["attention_mask"].sum())
-                logs.update(step=step, epoch=epoch, kind=kind, loss=float(loss), grad_norm=float(gnorm))
+                logs.update(step=step, epoch=epoch, kind=kind, loss=float(loss.detach()), grad_norm=float(gnorm))
                 history.append(logs)
                 step += 1
                 if on_step:
