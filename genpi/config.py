@@ -48,7 +48,7 @@ class EngineConfig(_Strict):
 
 
 class SynthConfig(_Strict):
-    n_train_inputs: int = Field(default=96, ge=1)
+    n_train_inputs: int = Field(default=80, ge=1)
     n_heldout_inputs: int = Field(default=16, ge=1)
     inputs_per_call: int = Field(default=8, ge=1)
     # Give up generating new inputs after this many engine rounds even if short.
@@ -58,14 +58,14 @@ class SynthConfig(_Strict):
     input_max_new_tokens: int = Field(default=160, gt=0)
     min_input_chars: int = Field(default=12, ge=1)
     max_input_chars: int = Field(default=300, ge=1)
-    reply_max_new_tokens: int = Field(default=96, gt=0)
+    reply_max_new_tokens: int = Field(default=64, gt=0)
     # Teacher replies per training input: one greedy, plus this many sampled ones.
     teacher_samples: int = Field(default=1, ge=0)
     teacher_temperature: float = Field(default=0.8, gt=0)
     reasons: bool = True
     # AS-IS replies and reasons are made for this many training inputs: they only feed the
     # prompt-generation examples, a small share of the loss.
-    n_pg_examples: int = Field(default=24, ge=0)
+    n_pg_examples: int = Field(default=16, ge=0)
     reason_max_new_tokens: int = Field(default=64, gt=0)
     seed: int = 0
 
@@ -82,13 +82,13 @@ class TrainConfig(_Strict):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     epochs: int = Field(default=3, gt=0)
-    lr: float = Field(default=3e-4, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     batch_size: int = Field(default=8, gt=0)
     grad_clip: float = Field(default=1.0, gt=0)
     max_length: int = Field(default=1024, gt=0)
     # Joint loss weights: w_sft*L_SFT + w_pg*L_PG + w_kl*L_KL.
-    w_sft: float = Field(default=1.0, ge=0)
+    w_sft: float = Field(default=0.5, ge=0)
     w_pg: float = Field(default=0.1, ge=0)
     w_kl: float = Field(default=1.0, ge=0)
     # Prompt-generation target: the verbatim prompt (GenPI), a paraphrase written by the

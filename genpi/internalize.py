@@ -102,18 +102,39 @@ class Internalizer:
     """Holds the base model once and runs every stage of every prompt on it."""
 
     def __init__(self, cfg: GenpiConfig, store: Store):
-        from genpi.engines.hf import HFEngine
-        from genpi.models import load_model
+        from genpi.models import load_tokenizer, resolve_model
 
         self.cfg = cfg
         self.store = store
-        self.model, self.tok, self.resolved = load_model(cfg.model)
-        self.engine = HFEngine(self.model, self.tok, cfg.engine.batch_size)
+        # The tokenizer and the model's identity are enough to plan; the weights are loaded
+        # on first use, so a re-run with nothing to do stays fast.
+        self.resolved = resolve_model(cfg.model)
+        self.tok = load_tokenizer(cfg.model)
+        self._model = self._engine = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from genpi.models import load_model
+
+            self._model, _, _ = load_model(self.cfg.model)
+        return self._model
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from genpi.engines.hf import HFEngine
+
+            self._engine = HFEngine(self.model, self.tok, self.cfg.engine.batch_size)
+        return self._engine
 
     def context(self) -> int:
+        from transformers import AutoConfig
+
         from genpi.models import context_limit
 
-        return context_limit(self.model, self.cfg.model)
+        return context_limit(AutoConfig.from_pretrained(self.resolved.path, revision=self.cfg.model.revision),
+                             self.cfg.model)
 
     def run(self, plans: list[PromptPlan], force: bool = False) -> list[PromptResult]:
         results = []
