@@ -73,7 +73,7 @@ def _open_store(uri: str):
 def cmd_internalize(args) -> int:
     from genpi.internalize import Internalizer, check_lengths, plan
     from genpi.manifest import load_manifest
-    from genpi.report import print_plan, write_run_report
+    from genpi.eval.report import print_plan, write_run_report
 
     cfg = _config(args)
     entries = load_manifest(args.manifest, validate_overrides=lambda o: cfg.with_overrides(o))
@@ -111,14 +111,16 @@ def _spec_config(store, pdir, args):
 
 def cmd_eval(args) -> int:
     from genpi.internalize import Internalizer, PromptPlan
-    from genpi.report import format_eval
+    from genpi.eval.report import format_eval
 
     store = _open_store(_config(args).store)
     fp = _published(store, args.prompt_id)
     pdir = store.prompt_dir(args.prompt_id, fp)
     entry, cfg = _spec_config(store, pdir, args)
     runner = Internalizer(cfg, store)
-    result = runner._eval(PromptPlan(entry, cfg, fp, "unchanged"), pdir, force=True)
+    result = runner.reevaluate(PromptPlan(entry, cfg, fp, "unchanged"), pdir)
+    # Keep the registry's summary in step with the new eval.json.
+    store.publish(args.prompt_id, fp, {"kl_ratio": result["metrics"]["kl"]["ratio"]})
     print(format_eval(result))
     return 0
 
@@ -146,7 +148,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from genpi.report import format_inspect
+    from genpi.eval.report import format_inspect
 
     print(format_inspect(_open_store(_config(args).store)))
     return 0

@@ -43,8 +43,10 @@ class ModelConfig(_Strict):
 class EngineConfig(_Strict):
     kind: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(default=16, gt=0)
-    # How many of the teacher's top tokens (with log-probabilities) synthesis records.
-    top_k_logprobs: int = Field(default=20, ge=1, le=100)
+    # How many of the teacher's top tokens (with log-probabilities) synthesis records for the
+    # KL term. 100 rather than Prompt Baking's 20: on SmolLM2 it raised the held-out KL ratio
+    # from 0.62 to 0.66 at no training cost (vLLM needs max_logprobs >= this).
+    top_k_logprobs: int = Field(default=100, ge=1, le=100)
 
 
 class SynthConfig(_Strict):
@@ -81,7 +83,7 @@ class TrainConfig(_Strict):
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    epochs: int = Field(default=3, gt=0)
+    epochs: int = Field(default=4, gt=0)
     lr: float = Field(default=2e-3, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     batch_size: int = Field(default=8, gt=0)

@@ -146,8 +146,16 @@ class Internalizer:
                 results.append(PromptResult(p.id, p.fingerprint, "skipped", eval=ev))
                 continue
             log.info("[%d/%d] %s: internalizing (fingerprint %s)", i + 1, len(plans), p.id, p.fingerprint)
+            if force:
+                self.clear(p)
             results.append(self.run_one(p))
         return results
+
+    def clear(self, p: PromptPlan) -> None:
+        """Forget every stage's output of this fingerprint (DONE first, so nothing half-redone is served)."""
+        pdir = self.store.prompt_dir(p.id, p.fingerprint)
+        for name in ("DONE", "eval.json", "adapter", "train.json", "synth", "error.json"):
+            self.store.remove(f"{pdir}/{name}")
 
     def run_one(self, p: PromptPlan) -> PromptResult:
         res = PromptResult(p.id, p.fingerprint, "failed")
@@ -171,6 +179,10 @@ class Internalizer:
             log.error("%s failed: %s\n%s", p.id, res.error, traceback.format_exc())
             self.store.write_json(f"{pdir}/error.json", {"error": res.error, "traceback": traceback.format_exc()})
         return res
+
+    def reevaluate(self, p: PromptPlan, pdir: str) -> dict:
+        """Evaluate an already trained adapter again (e.g. after changing eval settings)."""
+        return self._eval(p, pdir, force=True)
 
     # ---- stages ------------------------------------------------------------------------
     def _synth(self, p: PromptPlan, pdir: str) -> None:

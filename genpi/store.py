@@ -108,6 +108,10 @@ class Store:
         self.fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
         return local_dir
 
+    def remove(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
     # ---- completion and registry -----------------------------------------------------
     def is_done(self, prompt_id: str, fp: str) -> bool:
         return self.exists(self.path("prompts", prompt_id, fp, "DONE"))

@@ -253,6 +253,15 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
     assert "pirate" in out and "internalization ratio" in out
     assert json.loads(eval_path.read_text())["metrics"].keys() == ev["metrics"].keys()
 
+    # --force redoes every stage of an unchanged prompt under the same fingerprint.
+    # (write_manifest rewrote the manifest file with the changed prompt: new_dir is its fingerprint.)
+    synth_file = new_dir / "synth" / "inputs.parquet"
+    old_mtime = synth_file.stat().st_mtime_ns
+    rc, out, err = _cli(capsys, "internalize", manifest, "--store", store, "--force", *tiny_overrides)
+    assert rc == 0, out + err
+    assert "1 published" in out
+    assert synth_file.stat().st_mtime_ns > old_mtime and (new_dir / "DONE").is_file()
+
 
 # ------------------------------------------------------------------------------------------
 def test_resume_after_kill(tiny_overrides, write_manifest, tmp_path):
