@@ -94,6 +94,7 @@ def test_small_internalization_moves_the_adapter_towards_the_teacher(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_readme_acceptance_french(tmp_path):
     """README command 1: the French example with the default config reaches the targets
     (language-check ratio >= 0.9, KL ratio >= 0.6 on held-out inputs)."""
