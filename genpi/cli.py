@@ -45,9 +45,14 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # transformers' per-load progress bars and advice drown the pipeline's own progress.
+        # transformers' per-load progress bars, advice and deprecation notices drown the
+        # pipeline's own progress and replies.
+        import warnings
+
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
 def _config(args):
