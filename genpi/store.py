@@ -33,7 +33,9 @@ class Store:
     def __init__(self, root: str | os.PathLike):
         root = str(root)
         self.fs, path = fsspec.core.url_to_fs(root)
-        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        # A local folder gets real atomic renames and a file lock; object stores get single PUTs.
+        self.local = "file" in protocols
         self.root = path.rstrip("/") if not self.local else os.path.abspath(path)
         self.uri = root
         self.fs.makedirs(self.root, exist_ok=True)

@@ -66,7 +66,9 @@ def test_input_synthesis_gives_usable_distinct_inputs(smollm, tmp_path):
     assert len(held) == 4 and len(train) >= 8 and not (train & held)
     assert summary["inputs"]["kept"] >= 12
     reasons = store.read_parquet(store.prompt_dir("fr", "x") + "/synth/reasons.parquet")
+    # Each reason is the pre-filled opening plus what the model wrote after it.
     assert all(r["reason"].startswith("The second answer") for r in reasons)
+    assert sum(len(r["reason"].split()) > 6 for r in reasons) >= len(reasons) // 2, reasons
 
 
 def test_small_internalization_moves_the_adapter_towards_the_teacher(tmp_path):
