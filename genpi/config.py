@@ -69,6 +69,19 @@ class SynthConfig(_Strict):
     # prompt-generation examples, a small share of the loss.
     n_pg_examples: int = Field(default=16, ge=0)
     reason_max_new_tokens: int = Field(default=64, gt=0)
+    # Self Role-Playing: multi-turn conversations (agent = model with the prompt; user or
+    # environment = the same model with roles swapped) for this many training inputs; 0 = off.
+    roleplay_conversations: int = Field(default=16, ge=0)
+    # Agent turns per conversation at most (the first is the TO-BE reply to the input).
+    roleplay_max_turns: int = Field(default=3, ge=1)
+    env_max_new_tokens: int = Field(default=64, gt=0)
+    end_marker: str = Field(default="[END_CONVERSATION]", min_length=1)
+    # Near-duplicate removal of pseudo inputs: word-shingle Jaccard similarity at or above
+    # this counts as the same input (1.0 = exact duplicates only).
+    near_dup_threshold: float = Field(default=0.7, gt=0, le=1)
+    # Diversity target: distinct inputs as a share of the requested count; below it the
+    # synthesis summary flags the prompt (a prompt the model cannot vary on).
+    min_diversity: float = Field(default=0.5, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -98,6 +111,14 @@ class TrainConfig(_Strict):
     pg_target: Literal["verbatim", "paraphrase", "off"] = "verbatim"
     # PG examples for long prompts are long; they are never truncated, only this long.
     pg_max_length: int = Field(default=4096, gt=0)
+    # Packed multi-adapter training: up to this many adapters share one frozen base per pack.
+    pack_size: int = Field(default=8, ge=1)
+    # Stop an adapter early when its training loss has not improved for this many epochs
+    # (None = never); the others in its pack go on.
+    early_stop_patience: int | None = Field(default=None, ge=1)
+    # DeepSpeed ZeRO stage under Ray Train (3 for bases that do not fit one device).
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    checkpoint_every_steps: int = Field(default=50, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -121,6 +142,41 @@ class EvalConfig(_Strict):
     )
 
 
+class ClusterConfig(_Strict):
+    """Resources per stage on a Ray cluster; the defaults fit a local run of the embedded model."""
+    # Ray address: None = connect to RAY_ADDRESS or start a local Ray.
+    address: str | None = None
+    synth_actors: int = Field(default=1, ge=1)
+    cpus_per_engine_actor: float = Field(default=1, ge=0)
+    gpus_per_engine_actor: float = Field(default=0, ge=0)
+    train_workers: int = Field(default=1, ge=1)
+    cpus_per_train_worker: float = Field(default=1, ge=0)
+    gpus_per_train_worker: float = Field(default=0, ge=0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, gt=0, lt=65536)
+    backend: Literal["hf", "vllm"] = "hf"
+    # Adapters held per replica (LRU beyond this); with vLLM also max_loras.
+    max_adapters_per_replica: int = Field(default=8, ge=1)
+    max_lora_rank: int = Field(default=64, gt=0)
+    max_cpu_loras: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=256, gt=0)
+    # Autoscaling on ongoing requests (Ray Serve LLM never scales unless this is set).
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=4, gt=0)
+    cpus_per_replica: float = Field(default=1, ge=0)
+    gpus_per_replica: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class GenpiConfig(_Strict):
     store: str = "./genpi-store"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -128,6 +184,8 @@ class GenpiConfig(_Strict):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str], source: str = "overrides") -> "GenpiConfig":
         """A new config with dotted (`train.epochs`) or nested overrides applied and validated."""
