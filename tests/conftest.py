@@ -167,3 +167,27 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole test session (starting one costs ~5-8 s).
+
+    4 logical CPUs on a 2-core machine, so a 2-worker Ray Train run, a Ray Data actor
+    pool and a Serve app each find room; Ray's processes inherit this environment
+    (GENPI_CACHE, and DeepSpeed's CPU settings below)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed compiles a small CPU extension once: keep it in the project's cache.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
