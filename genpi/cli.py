@@ -1,4 +1,4 @@
-"""`genpi` command line: internalize, eval, chat, inspect. Thin: parsing and printing only."""
+"""`genpi` command line: internalize, eval, chat, inspect, serve. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("inspect", help="what is published, with its metrics")
     _common(p, overrides=False)
+    p = sub.add_parser("serve", help="serve every published adapter behind an OpenAI-compatible Ray Serve app")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--print-config", action="store_true",
+                   help="print the Ray Serve config (YAML for `serve deploy` / a RayService) and exit")
+    g.add_argument("--export-lora", action="store_true",
+                   help="copy published adapters to the <uri>/<id>/ layout Ray Serve LLM (serve.backend=vllm) loads")
+    _common(p)
     return ap
 
 
@@ -159,6 +166,42 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    cfg = _config(args)
+    if args.print_config:
+        from genpi.serve.deploy import serve_config_yaml
+
+        print(serve_config_yaml(cfg), end="")
+        return 0
+    store = _open_store(cfg.store)
+    if args.export_lora:
+        from genpi.serve.llm import export_lora_layout, lora_export_uri
+
+        done = export_lora_layout(cfg)
+        print(f"exported {len(done)} adapter(s) to {lora_export_uri(cfg)}: {', '.join(done) or 'all up to date'}")
+        return 0
+    from genpi.serve.adapters import AdapterRegistry
+    from genpi.serve.app import start
+
+    published = [i for i, _ in AdapterRegistry(store, 0).published()]
+    print(f"store {store.uri}: {len(published)} published adapter(s): {', '.join(published) or 'none yet'} "
+          "(adapters published later are served without a restart)")
+    url = start(cfg, blocking=False)
+    print(f"serving on {url}/v1/chat/completions and {url}/v1/models; Ctrl-C stops")
+    import time as _time
+
+    from ray import serve
+
+    try:
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     # argparse fills the positional `overrides` only in the first run of positionals, so
@@ -175,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     from genpi.models import ModelError
 
     try:
-        return {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect}[args.cmd](args)
+        return {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect,
+                "serve": cmd_serve}[args.cmd](args)
     except (ConfigError, ManifestError, ModelError, LookupError, FileNotFoundError) as e:
         # Input problems get a message, not a traceback (use -v for one).
         if args.verbose:

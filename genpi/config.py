@@ -75,6 +75,8 @@ class SynthConfig(_Strict):
     # Agent turns per conversation at most (the first is the TO-BE reply to the input).
     roleplay_max_turns: int = Field(default=3, ge=1)
     env_max_new_tokens: int = Field(default=64, gt=0)
+    # The user/environment side samples (varied follow-ups); 0 = greedy.
+    env_temperature: float = Field(default=0.8, ge=0)
     end_marker: str = Field(default="[END_CONVERSATION]", min_length=1)
     # Near-duplicate removal of pseudo inputs: word-shingle Jaccard similarity at or above
     # this counts as the same input (1.0 = exact duplicates only).
@@ -152,6 +154,9 @@ class ClusterConfig(_Strict):
     train_workers: int = Field(default=1, ge=1)
     cpus_per_train_worker: float = Field(default=1, ge=0)
     gpus_per_train_worker: float = Field(default=0, ge=0)
+    # How long a stage waits for the resources it asks for to appear (an autoscaling
+    # cluster adds GPU nodes on demand) before failing with what is missing; 0 = check once.
+    resource_wait_s: float = Field(default=0, ge=0)
 
 
 class ServeConfig(_Strict):
@@ -169,6 +174,22 @@ class ServeConfig(_Strict):
     target_ongoing_requests: float = Field(default=4, gt=0)
     cpus_per_replica: float = Field(default=1, ge=0)
     gpus_per_replica: float = Field(default=0, ge=0)
+    # Requests one model replica accepts at once (queued beyond this in the proxy/router);
+    # it should exceed target_ongoing_requests or the autoscaler never sees the backlog.
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    # The ingress (HTTP parsing, registry lookups) is light: a fraction of a CPU per replica.
+    cpus_per_ingress: float = Field(default=0.25, ge=0)
+    # The `model` name that selects the bare base; None = derived from model.name
+    # (the embedded model is "SmolLM2-135M-Instruct", a local folder its folder name).
+    base_model_name: str | None = None
+    # How stale the served registry may be: a publish is visible within this many seconds.
+    registry_refresh_s: float = Field(default=2.0, ge=0)
+    # Local copies of adapters from a remote store; None = <model cache>/serve-adapters.
+    adapter_cache_dir: str | None = None
+    # GPU path (backend=vllm): vLLM prefix caching, and a store URI (s3://, gs://) holding
+    # the adapters in Ray Serve LLM's <path>/<id>/ layout (None = <store>/serve-lora).
+    enable_prefix_caching: bool = True
+    lora_export_uri: str | None = None
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeConfig":

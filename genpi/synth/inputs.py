@@ -96,7 +96,14 @@ def degenerate_reason(s: str, cfg: SynthConfig) -> str | None:
     return None
 
 
-def _near_duplicate(a: set[str], b: set[str], threshold: float = 0.7) -> bool:
+def shingles(key: str) -> set[str]:
+    """Words and word pairs of a normalised input: pairs tell "reset my password" from
+    "my password reset failed" better than bags of words, words catch reordered copies."""
+    words = key.split()
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+
+
+def _near_duplicate(a: set[str], b: set[str], threshold: float) -> bool:
     if not a or not b:
         return False
     return len(a & b) / len(a | b) >= threshold
@@ -119,8 +126,9 @@ class InputPool:
         key = normalise(text)
         if reason is None and key in self._keys:
             reason = "duplicate"
-        words = set(key.split())
-        if reason is None and any(_near_duplicate(words, other) for other in self._shingles):
+        words = shingles(key)
+        if reason is None and any(_near_duplicate(words, other, self.cfg.near_dup_threshold)
+                                  for other in self._shingles):
             reason = "near_duplicate"
         if reason is not None:
             self.dropped[reason] += 1

@@ -1,19 +1,31 @@
-"""Synthesis for one prompt on one engine: inputs -> TO-BE -> AS-IS -> reasons, each a
-Parquet file under `<prompt dir>/synth/`, each skipped when already there (resume)."""
+"""Synthesis for many prompts at once: inputs -> replies -> reasons -> role-play.
+
+Each pass runs one stage over the rows of every prompt that still needs it (a row is a
+(prompt, item) pair, see `genpi.synth.stages`) through a *runner*: in-process on one
+engine (`LocalRunner`) or fanned out over Ray Data engine actors
+(`genpi.synth.ray_data.RayDataRunner`). After each pass every prompt's results are
+written as Parquet under `<prompt dir>/synth/`, so a killed job redoes only the passes a
+prompt has no file for; `_COMPLETE` is written last. A prompt whose rows fail is
+recorded as failed and leaves the later passes; the others go on.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
 
 from tqdm.auto import tqdm
 
 from genpi.config import GenpiConfig
-from genpi.engines.base import ChatRequest, Completion, Engine
+from genpi.engines.base import ChatRequest, Engine
 from genpi.manifest import PromptEntry
 from genpi.store import Store
-from genpi.synth import inputs as inp
 from genpi.synth.reasons import finish_reason_text, reason_requests
 from genpi.synth.replies import as_is_requests, to_be_requests
+from genpi.synth.roleplay import first_turns
+from genpi.synth.stages import Row, batch_rows, request_dict, run_isolated
 
 log = logging.getLogger(__name__)
 
@@ -23,147 +35,304 @@ PARAPHRASE_ASK = (
 )
 
 
-def _run(engine: Engine, reqs: list[ChatRequest], desc: str) -> list[Completion]:
-    with tqdm(total=len(reqs), desc=desc, unit="req", leave=False) as bar:
-        return engine.generate(reqs, progress=bar.update)
+@dataclass
+class SynthJob:
+    entry: PromptEntry
+    cfg: GenpiConfig
+    pdir: str
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+
+class Runner(Protocol):
+    def __call__(self, stage: str, rows: list[Row]) -> Iterable[Row]:
+        """Output rows of `stage` for `rows`, yielded as they are ready (any order)."""
+        ...
+
+
+class LocalRunner:
+    """Runs the stages in this process on one engine, a batch of rows at a time."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __call__(self, stage: str, rows: list[Row]) -> Iterable[Row]:
+        n = batch_rows(stage, getattr(self.engine, "batch_size", 8))
+        for start in range(0, len(rows), n):
+            yield from run_isolated(stage, self.engine, rows[start : start + n])
+
+
+class _Progress:
+    """One progress display for the whole synthesis: rows done and tokens per second."""
+
+    def __init__(self, enabled: bool):
+        self.bar = tqdm(total=0, desc="synthesis", unit="row", disable=not enabled)
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def stage(self, name: str, n_rows: int) -> None:
+        self.bar.total += n_rows
+        self.bar.set_description(f"synthesis [{name}]")
+        self.bar.refresh()
+
+    def row(self, row: Row) -> None:
+        self.tokens += row.get("tokens", 0)
+        self.bar.update(1)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.time() - self.t0, 1e-6):.0f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def synthesize(engine: Engine, entry: PromptEntry, cfg: GenpiConfig, store: Store, pdir: str) -> dict:
-    """Run every missing synthesis stage for `entry`; return the synthesis summary."""
-    sdir = f"{pdir}/synth"
-    if store.exists(f"{sdir}/{COMPLETE}"):
-        return store.read_json(f"{sdir}/summary.json")
-    s = cfg.synth
+    """Every missing synthesis stage of one prompt on one engine; its summary (raises on failure)."""
+    result = synthesize_many([SynthJob(entry, cfg, pdir)], store, LocalRunner(engine), progress=False)[entry.id]
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result["summary"]
+
+
+def synthesize_many(jobs: list[SynthJob], store: Store, runner: Runner, progress: bool = True) -> dict[str, dict]:
+    """Synthesize every job; prompt id -> {"summary": ...} or {"error": ...}."""
+    results: dict[str, dict] = {}
+    live: dict[str, SynthJob] = {}
+    for j in jobs:
+        if store.exists(f"{j.pdir}/synth/{COMPLETE}"):
+            results[j.id] = {"summary": store.read_json(f"{j.pdir}/synth/summary.json"), "skipped": True}
+        else:
+            live[j.id] = j
+    bar = _Progress(progress and bool(live))
     timings: dict[str, float] = {}
+    try:
+        for name, make_rows, write in _PASSES:
+            todo = {pid: j for pid, j in live.items() if pid not in results}
+            rows = [r for j in todo.values() for r in make_rows(j, store)]
+            if not rows:
+                continue
+            t0 = time.time()
+            bar.stage(name, len(rows))
+            grouped: dict[str, list[Row]] = defaultdict(list)
+            stage = rows[0]["stage"]
+            for out in runner(stage, [{k: v for k, v in r.items() if k != "stage"} for r in rows]):
+                bar.row(out)
+                grouped[out["prompt_id"]].append(out)
+            timings[f"{name}_s"] = round(time.time() - t0, 2)
+            for pid in {r["prompt_id"] for r in rows}:
+                outs = grouped.get(pid, [])
+                errors = [o for o in outs if "error" in o]
+                if errors:
+                    results[pid] = {"error": errors[0]["error"]}
+                    log.error("%s: synthesis failed: %s", pid, errors[0]["error"])
+                    store.write_json(f"{todo[pid].pdir}/error.json",
+                                     {"error": errors[0]["error"], "traceback": errors[0].get("traceback")})
+                    continue
+                try:
+                    write(todo[pid], store, outs)
+                except Exception as e:  # e.g. no usable inputs: this prompt fails, not the job
+                    results[pid] = {"error": f"{name}: {type(e).__name__}: {e}"}
+                    log.error("%s: synthesis failed: %s", pid, results[pid]["error"])
+                    store.write_json(f"{todo[pid].pdir}/error.json", {"error": results[pid]["error"]})
+    finally:
+        bar.close()
+    for pid, j in live.items():
+        if pid not in results:
+            summary = _summary(j, store, timings)
+            store.write_json(f"{j.pdir}/synth/summary.json", summary)
+            store.write_json(f"{j.pdir}/synth/{COMPLETE}", {"finished_at": time.time()})
+            results[pid] = {"summary": summary}
+    return results
 
-    # 1. pseudo inputs ----------------------------------------------------------------
-    path = f"{sdir}/inputs.parquet"
-    if store.exists(path):
-        rows = store.read_parquet(path)
-        input_stats = store.read_json(f"{sdir}/inputs_stats.json")
-    else:
-        t0 = time.time()
-        pool = inp.InputPool(s, entry.seed_inputs)
-        need = s.n_train_inputs + s.n_heldout_inputs
-        rounds = 0
-        with tqdm(total=need, desc=f"{entry.id}: inputs", unit="input", leave=False) as bar:
-            bar.update(len(pool.items))
-            while len(pool.items) < need and rounds < s.max_input_rounds:
-                examples = pool.texts()
-                # Enough calls for the shortfall at ~6 usable items per call, rounded up to whole
-                # engine batches (a nearly empty last batch costs almost a full one).
-                batch = getattr(engine, "batch_size", 8)
-                n_calls = -(-(need - len(pool.items)) // 6)
-                n_calls = -(-n_calls // batch) * batch
-                outs = engine.generate(inp.input_requests(entry.prompt, examples, s, rounds, n_calls))
-                before = len(pool.items)
-                for c in outs:
-                    for item in inp.parse_items(c.text):
-                        pool.add(item, "generated")
-                bar.update(len(pool.items) - before)
-                rounds += 1
-        train, held = inp.split_inputs(pool, s.n_train_inputs, s.n_heldout_inputs, s.seed)
-        rows = train + held
-        input_stats = {
-            "kept": len(pool.items),
-            "seeds": len(entry.seed_inputs),
-            "rounds": rounds,
-            "dropped": dict(pool.dropped),
-            "train": len(train),
-            "heldout": len(held),
-        }
-        if len(pool.items) < need:
-            log.warning("%s: only %d usable inputs after %d rounds (wanted %d)", entry.id, len(pool.items), rounds, need)
-        store.write_json(f"{sdir}/inputs_stats.json", input_stats)
-        store.write_parquet(path, rows)
-        timings["inputs_s"] = time.time() - t0
-    train_inputs = [r["input"] for r in rows if r["split"] == "train"]
-    if not train_inputs:
-        raise ValueError(f"{entry.id}: no usable training inputs could be generated (see inputs_stats.json)")
 
-    # 2. TO-BE: teacher replies with top-k log-probabilities ---------------------------
-    path = f"{sdir}/to_be.parquet"
-    if store.exists(path):
-        to_be = store.read_parquet(path)
-    else:
-        t0 = time.time()
-        outs = _run(engine, to_be_requests(entry.prompt, train_inputs, s, cfg.engine), f"{entry.id}: teacher replies")
-        to_be = [_reply_row(c, train_inputs) for c in outs]
-        store.write_parquet(path, to_be)
-        timings["to_be_s"] = time.time() - t0
+# --- the passes: rows to run, and how each prompt's outputs are written ---------------------
+def _sdir(j: SynthJob) -> str:
+    return f"{j.pdir}/synth"
 
-    # 3. AS-IS replies and reasons, for the prompt-generation examples -----------------
-    n_pg = 0 if (cfg.train.pg_target == "off" or cfg.train.w_pg == 0) else min(s.n_pg_examples, len(train_inputs))
-    pg_inputs = train_inputs[:n_pg]
-    path = f"{sdir}/as_is.parquet"
-    if store.exists(path):
-        as_is = store.read_parquet(path)
-    else:
-        t0 = time.time()
-        outs = _run(engine, as_is_requests(pg_inputs, s), f"{entry.id}: no-prompt replies")
-        as_is = [_reply_row(c, pg_inputs, with_topk=False) for c in outs]
-        store.write_parquet(path, as_is)
-        timings["as_is_s"] = time.time() - t0
-    path = f"{sdir}/reasons.parquet"
-    if store.exists(path):
-        reasons = store.read_parquet(path)
-    else:
-        t0 = time.time()
-        greedy = {r["input_idx"]: r["text"] for r in to_be if r["sample"] == 0}
-        triples = [{"input": r["input"], "as_is": r["text"], "to_be": greedy[r["input_idx"]]} for r in as_is]
-        if s.reasons and triples:
-            outs = _run(engine, reason_requests(triples, s), f"{entry.id}: reasons")
-            reasons = [{"input_idx": i, "reason": finish_reason_text(c.text)} for i, c in enumerate(outs)]
-        else:
-            reasons = [{"input_idx": i, "reason": ""} for i in range(len(triples))]
-        store.write_parquet(path, reasons)
-        timings["reasons_s"] = time.time() - t0
 
-    # 4. the PG target when it is a paraphrase ----------------------------------------
-    paraphrase = None
-    if n_pg and cfg.train.pg_target == "paraphrase":
-        path = f"{sdir}/paraphrase.json"
+def _inputs_rows(j: SynthJob, store: Store) -> list[Row]:
+    if store.exists(f"{_sdir(j)}/inputs.parquet"):
+        return []
+    return [{"stage": "inputs", "prompt_id": j.id, "prompt": j.entry.prompt, "seeds": list(j.entry.seed_inputs),
+             "synth": j.cfg.synth.model_dump()}]
+
+
+def _write_inputs(j: SynthJob, store: Store, outs: list[Row]) -> None:
+    (out,) = outs
+    if not any(r["split"] == "train" for r in out["inputs"]):
+        raise ValueError(f"{j.id}: no usable training inputs could be generated (see inputs_stats.json)")
+    if out["stats"]["kept"] < out["stats"]["wanted"]:
+        log.warning("%s: only %d usable inputs after %d rounds (wanted %d)", j.id, out["stats"]["kept"],
+                    out["stats"]["rounds"], out["stats"]["wanted"])
+    store.write_json(f"{_sdir(j)}/inputs_stats.json", out["stats"])
+    store.write_parquet(f"{_sdir(j)}/inputs.parquet", out["inputs"])
+
+
+def _train_inputs(j: SynthJob, store: Store) -> list[str]:
+    return [r["input"] for r in store.read_parquet(f"{_sdir(j)}/inputs.parquet") if r["split"] == "train"]
+
+
+def _n_pg(j: SynthJob, n_train: int) -> int:
+    t = j.cfg.train
+    return 0 if (t.pg_target == "off" or t.w_pg == 0) else min(j.cfg.synth.n_pg_examples, n_train)
+
+
+def _replies_rows(j: SynthJob, store: Store) -> list[Row]:
+    """TO-BE (teacher, with top-k) and AS-IS replies, and the paraphrased prompt if wanted."""
+    s, sdir, rows = j.cfg.synth, _sdir(j), []
+    train = _train_inputs(j, store)
+    reqs: list[tuple[str, ChatRequest]] = []
+    if not store.exists(f"{sdir}/to_be.parquet"):
+        reqs += [("to_be", r) for r in to_be_requests(j.entry.prompt, train, s, j.cfg.engine)]
+    n_pg = _n_pg(j, len(train))
+    if not store.exists(f"{sdir}/as_is.parquet"):
+        reqs += [("as_is", r) for r in as_is_requests(train[:n_pg], s)]
+    if n_pg and j.cfg.train.pg_target == "paraphrase" and not store.exists(f"{sdir}/paraphrase.json"):
+        ask = [{"role": "user", "content": PARAPHRASE_ASK.format(prompt=j.entry.prompt)}]
+        reqs.append(("paraphrase", ChatRequest(ask, max_new_tokens=max(64, min(1024, len(j.entry.prompt) // 3)))))
+    for kind, r in reqs:
+        rows.append({"stage": "generate", "prompt_id": j.id, "kind": kind, "request": request_dict(r)})
+    return rows
+
+
+def _write_replies(j: SynthJob, store: Store, outs: list[Row]) -> None:
+    train = _train_inputs(j, store)
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for o in outs:
+        by_kind[o["kind"]].append(o["completion"])
+    if "paraphrase" in by_kind:
+        store.write_json(f"{_sdir(j)}/paraphrase.json", {"text": by_kind["paraphrase"][0]["text"]})
+    for kind in ("to_be", "as_is"):
+        path = f"{_sdir(j)}/{kind}.parquet"
         if store.exists(path):
-            paraphrase = store.read_json(path)["text"]
-        else:
-            req = ChatRequest([{"role": "user", "content": PARAPHRASE_ASK.format(prompt=entry.prompt)}],
-                              max_new_tokens=max(64, min(1024, len(entry.prompt) // 3)))
-            paraphrase = engine.generate([req])[0].text
-            store.write_json(path, {"text": paraphrase})
-
-    dropped_replies = sum(1 for r in to_be if not r["text"].strip())
-    summary = {
-        "inputs": input_stats,
-        "to_be_replies": len(to_be),
-        "to_be_empty": dropped_replies,
-        "to_be_truncated": sum(1 for r in to_be if r["finish_reason"] == "length"),
-        "pg_examples": len(as_is),
-        "paraphrase": paraphrase is not None,
-        "timings": timings,
-    }
-    store.write_json(f"{sdir}/summary.json", summary)
-    store.write_json(f"{sdir}/{COMPLETE}", {"finished_at": time.time()})
-    return summary
+            continue
+        rows = sorted((_reply_row(c, train, kind == "to_be") for c in by_kind.get(kind, [])),
+                      key=lambda r: (r["input_idx"], r["sample"]))
+        store.write_parquet(path, rows)
 
 
-def _reply_row(c: Completion, inputs: list[str], with_topk: bool = True) -> dict:
+def _reply_row(c: dict, inputs: list[str], with_topk: bool) -> dict:
     row = {
-        "input_idx": c.tag["input_idx"],
-        "input": inputs[c.tag["input_idx"]],
-        "sample": c.tag.get("sample", 0),
-        "text": c.text,
-        "token_ids": c.token_ids,
-        "finish_reason": c.finish_reason,
+        "input_idx": c["tag"]["input_idx"],
+        "input": inputs[c["tag"]["input_idx"]],
+        "sample": c["tag"].get("sample", 0),
+        "text": c["text"],
+        "token_ids": c["token_ids"],
+        "finish_reason": c["finish_reason"],
     }
     if with_topk:
-        row["topk_ids"] = c.topk_ids
-        row["topk_logprobs"] = c.topk_logprobs
+        row["topk_ids"] = c["topk_ids"]
+        row["topk_logprobs"] = c["topk_logprobs"]
     return row
+
+
+def _greedy(store: Store, j: SynthJob) -> dict[int, dict]:
+    return {r["input_idx"]: r for r in store.read_parquet(f"{_sdir(j)}/to_be.parquet") if r["sample"] == 0}
+
+
+def _reasons_rows(j: SynthJob, store: Store) -> list[Row]:
+    if store.exists(f"{_sdir(j)}/reasons.parquet"):
+        return []
+    as_is = store.read_parquet(f"{_sdir(j)}/as_is.parquet")
+    if not (j.cfg.synth.reasons and as_is):
+        store.write_parquet(f"{_sdir(j)}/reasons.parquet", [{"input_idx": i, "reason": ""} for i in range(len(as_is))])
+        return []
+    greedy = _greedy(store, j)
+    triples = [{"input": r["input"], "as_is": r["text"], "to_be": greedy[r["input_idx"]]["text"]} for r in as_is]
+    return [{"stage": "generate", "prompt_id": j.id, "kind": "reason", "request": request_dict(r)}
+            for r in reason_requests(triples, j.cfg.synth)]
+
+
+def _write_reasons(j: SynthJob, store: Store, outs: list[Row]) -> None:
+    rows = sorted(({"input_idx": o["completion"]["tag"]["input_idx"], "reason": finish_reason_text(o["completion"]["text"])}
+                   for o in outs), key=lambda r: r["input_idx"])
+    store.write_parquet(f"{_sdir(j)}/reasons.parquet", rows)
+
+
+def _roleplay_rows(j: SynthJob, store: Store) -> list[Row]:
+    s = j.cfg.synth
+    if store.exists(f"{_sdir(j)}/conversations.parquet"):
+        return []
+    greedy = _greedy(store, j)
+    # Conversations continue from usable first replies only (an empty reply opens nothing).
+    starts = [r for _, r in sorted(greedy.items()) if r["text"].strip()][: s.roleplay_conversations]
+    if not starts or s.roleplay_max_turns < 2:
+        store.write_parquet(f"{_sdir(j)}/conversations.parquet", [])
+        return []
+    settings = {"max_turns": s.roleplay_max_turns, "end_marker": s.end_marker,
+                "env_max_new_tokens": s.env_max_new_tokens, "agent_max_new_tokens": s.reply_max_new_tokens,
+                "top_k_logprobs": j.cfg.engine.top_k_logprobs, "temperature": s.env_temperature, "seed": s.seed}
+    return [{"stage": "roleplay", "prompt_id": j.id, "prompt": j.entry.prompt, "demos": list(j.entry.seed_inputs),
+             "input_idx": r["input_idx"], "messages": first_turns(r["input_idx"], r["input"], r).messages,
+             "settings": settings} for r in starts]
+
+
+def _write_roleplay(j: SynthJob, store: Store, outs: list[Row]) -> None:
+    rows = sorted(({"input_idx": o["input_idx"], "messages": o["messages"], "end_reason": o["end_reason"],
+                    "agent_turns": sum(m["role"] == "assistant" for m in o["messages"])} for o in outs),
+                  key=lambda r: r["input_idx"])
+    store.write_parquet(f"{_sdir(j)}/conversations.parquet", rows)
+
+
+_PASSES: list[tuple[str, Callable[[SynthJob, Store], list[Row]], Callable[[SynthJob, Store, list[Row]], None]]] = [
+    ("inputs", _inputs_rows, _write_inputs),
+    ("replies", _replies_rows, _write_replies),
+    ("reasons", _reasons_rows, _write_reasons),
+    ("roleplay", _roleplay_rows, _write_roleplay),
+]
+
+
+def _summary(j: SynthJob, store: Store, timings: dict[str, float]) -> dict:
+    sdir = _sdir(j)
+    to_be = store.read_parquet(f"{sdir}/to_be.parquet")
+    convs = load_conversations(store, j.pdir)
+    ended = Counter(c["end_reason"] for c in convs)
+    return {
+        "inputs": store.read_json(f"{sdir}/inputs_stats.json"),
+        "to_be_replies": len(to_be),
+        "to_be_empty": sum(1 for r in to_be if not r["text"].strip()),
+        "to_be_truncated": sum(1 for r in to_be if r["finish_reason"] == "length"),
+        "pg_examples": len(store.read_parquet(f"{sdir}/as_is.parquet")),
+        "paraphrase": store.exists(f"{sdir}/paraphrase.json"),
+        "conversations": {
+            "count": len(convs),
+            "agent_turns": sum(c["agent_turns"] for c in convs),
+            "multi_turn": sum(1 for c in convs if c["agent_turns"] > 1),
+            "ended": dict(ended),
+        },
+        "timings": timings,
+    }
+
+
+def load_conversations(store: Store, pdir: str) -> list[dict]:
+    path = f"{pdir}/synth/conversations.parquet"
+    return store.read_parquet(path) if store.exists(path) else []
 
 
 def load_synth(store: Store, pdir: str) -> dict:
     sdir = f"{pdir}/synth"
-    out = {name: store.read_parquet(f"{sdir}/{name}.parquet") for name in ("inputs", "to_be", "as_is", "reasons")}
+    out: dict[str, Any] = {name: store.read_parquet(f"{sdir}/{name}.parquet") for name in ("inputs", "to_be", "as_is", "reasons")}
+    out["conversations"] = load_conversations(store, pdir)
     p = f"{sdir}/paraphrase.json"
     out["paraphrase"] = store.read_json(p)["text"] if store.exists(p) else None
     return out
+
+
+def format_summaries(results: dict[str, dict]) -> str:
+    """The per-prompt synthesis summary a person reads at the end."""
+    lines = [f"{'prompt':<24} {'status':<8} {'inputs':>10} {'dropped':>8} {'replies':>8} {'convs':>6} {'turns':>6}"]
+    for pid, r in sorted(results.items()):
+        if "error" in r:
+            lines.append(f"{pid:<24} {'FAILED':<8} {r['error'][:80]}")
+            continue
+        s = r["summary"]
+        inp = s["inputs"]
+        flag = " (low diversity)" if inp.get("below_diversity_target") else ""
+        conv = s.get("conversations", {})
+        status = "reused" if r.get("skipped") else "done"
+        lines.append(
+            f"{pid:<24} {status:<8} {inp['kept']:>4}/{inp.get('wanted', inp['kept']):<5} "
+            f"{sum(inp['dropped'].values()):>8} {s['to_be_replies']:>8} {conv.get('count', 0):>6} "
+            f"{conv.get('agent_turns', 0):>6}{flag}"
+        )
+    return "\n".join(lines)

@@ -38,21 +38,26 @@ class TrainingSet:
 def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingSet:
     """Encode the synthesized data of one prompt; drop (and count) what cannot be used."""
     out = TrainingSet()
+    # A role-play conversation starts with the greedy teacher reply to its input and goes on
+    # for more turns: it replaces that single-turn example (the first turn is the same).
+    convs = {c["input_idx"]: c for c in synth.get("conversations") or [] if c["agent_turns"] > 1}
     for r in synth["to_be"]:
         if not r["text"].strip():
             out.dropped["empty_reply"] += 1
             continue
-        reply = {"role": "assistant", "content": r["text"], "token_ids": list(r["token_ids"])}
-        if r.get("topk_ids") is not None:
-            reply["topk_ids"] = r["topk_ids"]
-            reply["topk_logprobs"] = r["topk_logprobs"]
+        if r["sample"] == 0 and r["input_idx"] in convs:
+            messages = [_message(m) for m in convs[r["input_idx"]]["messages"]]
+            kind = "conversation"
+        else:
+            messages = [*student_messages(r["input"]), _message({"role": "assistant", **r})]
+            kind = "reply"
         try:
-            out.examples.append(("sft", encode_chat(tok, [*student_messages(r["input"]), reply], cfg.max_length)))
+            out.examples.append(("sft", encode_chat(tok, messages, cfg.max_length)))
         except ExampleTooLong:
-            out.dropped["sft_too_long"] += 1
+            out.dropped[f"sft_{kind}_too_long"] += 1
         except ValueError as e:  # token ids that do not match the text: a broken row, not a broken run
-            out.dropped["sft_unencodable"] += 1
-            log.warning("teacher reply dropped: %s", e)
+            out.dropped[f"sft_{kind}_unencodable"] += 1
+            log.warning("teacher %s dropped: %s", kind, e)
     if cfg.pg_target != "off" and cfg.w_pg > 0:
         target = synth.get("paraphrase") if cfg.pg_target == "paraphrase" else prompt
         if cfg.pg_target == "paraphrase" and not target:
@@ -67,6 +72,18 @@ def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingS
                 # Never cut the prompt: a PG example that does not fit is dropped and counted.
                 out.dropped["pg_too_long"] += 1
                 log.warning("prompt-generation example dropped: %s", e)
+    return out
+
+
+def _message(m: dict) -> dict:
+    """A stored turn as encode_chat wants it: assistant turns keep the teacher's token ids
+    and top-k rows (the SFT/KL targets), other turns are plain text."""
+    out = {"role": m["role"], "content": m["text"] if "text" in m else m["content"]}
+    if m["role"] == "assistant" and m.get("token_ids") is not None:
+        out["token_ids"] = list(m["token_ids"])
+        if m.get("topk_ids") is not None:
+            out["topk_ids"] = m["topk_ids"]
+            out["topk_logprobs"] = m["topk_logprobs"]
     return out
 
 

@@ -1,0 +1,311 @@
+"""Train many prompts' adapters: token-balanced packs, Ray Train workers, DeepSpeed ZeRO.
+
+Driver (:func:`train_many`): reads each prompt's synthesized data, drops (and reports as
+failed) prompts whose data cannot be used, skips prompts whose adapter is already in the
+store, groups the rest into token-balanced packs (:func:`plan_packs`, Ray-free) and runs one
+``TorchTrainer``. Workers load the base once, then train the packs one after another, all
+workers on the same pack (data parallel within a pack -- see the module README section in
+the report / bench for the measurement behind that choice). When a pack finishes, rank 0
+writes each adapter (``<pdir>/adapter``, atomic) and ``<pdir>/train.json`` at once.
+
+Checkpoints go through Ray Train (``ray.train.report``): DeepSpeed's checkpoint of the
+trainable parameters only (``exclude_frozen_parameters``: the LoRA stacks, the optimizer
+partitions) plus ``progress.json`` (pack index and per-adapter progress). The frozen base is
+never in a checkpoint. A worker failure restarts the workers (``FailureConfig``) and they
+continue from the last checkpoint with the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from genpi.config import GenpiConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+
+
+@dataclass
+class TrainJob:
+    prompt_id: str
+    pdir: str  # the prompt's folder in the store (holds synth/)
+    prompt: str
+
+
+@dataclass
+class TrainOutcome:
+    prompt_id: str
+    pdir: str
+    status: str  # trained | skipped | failed
+    error: str | None = None
+    pack: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- Ray-free planning ---------------------------------------------------------------------
+def plan_packs(tokens: dict[str, int], pack_size: int) -> list[list[str]]:
+    """Group prompts into ceil(n / pack_size) packs of at most pack_size with balanced tokens.
+
+    Longest-processing-time greedy: the largest remaining prompt goes to the pack with the
+    fewest tokens that still has room. A pack's step cost is the sum of its active
+    adapters' batches, so its duration follows its total tokens; balanced packs finish at
+    a steady pace (adapters get published evenly through the run)."""
+    if pack_size < 1:
+        raise ValueError("pack_size must be >= 1")
+    if not tokens:
+        return []
+    n_packs = -(-len(tokens) // pack_size)
+    packs: list[list[str]] = [[] for _ in range(n_packs)]
+    load = [0] * n_packs
+    for key in sorted(tokens, key=lambda k: (-tokens[k], k)):
+        open_packs = [i for i in range(n_packs) if len(packs[i]) < pack_size]
+        i = min(open_packs, key=lambda j: (load[j], j))
+        packs[i].append(key)
+        load[i] += tokens[key]
+    return packs
+
+
+def prepare_jobs(cfg: GenpiConfig, store, tok, jobs: list[TrainJob]):
+    """(training sets by prompt id, outcomes for skipped/failed jobs). Broken data fails one prompt only."""
+    from genpi.synth.pipeline import load_synth
+    from genpi.train.loop import build_examples
+
+    sets, outcomes = {}, []
+    for job in jobs:
+        if store.exists(f"{job.pdir}/{ADAPTER_FILE}"):
+            outcomes.append(TrainOutcome(job.prompt_id, job.pdir, "skipped"))
+            continue
+        try:
+            ts = build_examples(tok, load_synth(store, job.pdir), job.prompt, cfg.train)
+            if not ts.examples:
+                raise ValueError(f"no usable training examples (dropped: {dict(ts.dropped)})")
+            sets[job.prompt_id] = ts
+        except Exception as e:  # one prompt's broken data must not stop the others
+            outcomes.append(TrainOutcome(job.prompt_id, job.pdir, "failed", error=f"{type(e).__name__}: {e}"))
+            log.error("%s: cannot train: %s", job.prompt_id, e)
+    return sets, outcomes
+
+
+def deepspeed_config(zero_stage: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # unused: batches are built by the pack loop
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        # Clipping is per adapter, inside PackedAdamW (on the averaged, partitioned gradients).
+        "gradient_clipping": 0.0,
+        # A torch optimizer: a DeepSpeed "optimizer" section would compile an extension.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+
+
+def ensure_torch_extensions_dir() -> str:
+    """DeepSpeed compiles a small CPU extension once: keep it in genpi's cache, not ~/.cache."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = os.environ.get("GENPI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "genpi")
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(root, "torch_extensions")
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def peak_memory() -> dict[str, float]:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ---- the Ray Train worker ------------------------------------------------------------------
+def _worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from genpi.models import load_model
+    from genpi.store import Store
+    from genpi.train.multilora import PackedLora
+    from genpi.train.packed import PackedAdamW, PackMember, PackProgress, adapter_stats, train_pack
+
+    cfg = GenpiConfig.model_validate(config["cfg"])
+    store = Store(config["store_uri"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model, tok, resolved = load_model(cfg.model)  # once per worker, shared by every pack
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    packs: list[list[dict]] = config["packs"]
+
+    start_pack, resume_dir, progress = 0, None, None
+    ckpt = ray.train.get_checkpoint()
+    ckpt_ctx = ckpt.as_directory() if ckpt else None
+    if ckpt_ctx is not None:
+        resume_dir = ckpt_ctx.__enter__()
+        with open(os.path.join(resume_dir, "progress.json")) as f:
+            saved = json.load(f)
+        start_pack = saved["pack"]
+        progress = PackProgress(**saved["progress"]) if saved["progress"] else None
+    fail_after = config.get("fail_after_steps")
+    total_steps = [0]
+
+    for p in range(start_pack, len(packs)):
+        jobs = packs[p]
+        # Every rank reads the data itself (no large objects through Ray); the driver already
+        # checked it, so this cannot fail for data reasons.
+        from genpi.synth.pipeline import load_synth
+        from genpi.train.loop import build_examples
+
+        members = [PackMember(j["prompt_id"], build_examples(tok, load_synth(store, j["pdir"]), j["prompt"], cfg.train),
+                              seed=cfg.train.seed) for j in jobs]
+        pack = PackedLora(model, len(members), cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.target_modules,
+                          cfg.train.lora_dropout, seeds=[m.seed for m in members])
+        opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=cfg.train.grad_clip)
+        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=pack.parameters(), optimizer=opt,
+                                          config=deepspeed_config(cfg.train.zero_stage, bf16))
+        if cfg.train.zero_stage > 0:
+            opt.bind_zero(pack.parameters())
+        _adapter_only_checkpoints(engine)
+        prog, resumed_at = None, None
+        if resume_dir is not None and progress is not None and p == start_pack:
+            engine.load_checkpoint(resume_dir, tag="pack", load_module_strict=False,
+                                   load_lr_scheduler_states=False)
+            prog, resumed_at = progress, progress.pack_steps
+
+        def on_step(pr: PackProgress) -> None:
+            total_steps[0] += 1
+            if pr.pack_steps % cfg.train.checkpoint_every_steps == 0 and not all(pr.done):
+                _checkpoint(engine, p, pr, {"pack_steps": pr.pack_steps, "pack": p})
+                if fail_after is not None and total_steps[0] >= fail_after:
+                    marker = config["fail_marker"]
+                    if not os.path.exists(marker):  # fail once, after the checkpoint (resume test)
+                        open(marker, "w").close()
+                        raise RuntimeError(f"injected failure after pack step {pr.pack_steps}")
+
+        prog = train_pack(model, pack, members, cfg.train, pad, engine=engine, rank=rank, world=world,
+                          micro_batch=config.get("micro_batch"), progress=prog, on_step=on_step)
+        mem = [None] * world
+        dist.all_gather_object(mem, peak_memory()) if world > 1 else mem.__setitem__(0, peak_memory())
+        if rank == 0:
+            for i, (m, j) in enumerate(zip(members, jobs)):
+                stats = adapter_stats(prog, i, m)
+                stats.update(pack=p, pack_size=len(members), pack_seconds=prog.seconds, pack_tokens=prog.tokens,
+                             tokens_per_s=prog.tokens / max(prog.seconds, 1e-9), workers=world,
+                             zero_stage=cfg.train.zero_stage, worker_memory=mem,
+                             resumed_at_pack_step=resumed_at)
+                with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
+                    pack.export_peft(i, tmp, base_model_name=resolved.path)
+                    store.write_json(f"{j['pdir']}/train.json", stats)
+                    store.put_dir(tmp, f"{j['pdir']}/adapter")  # published as soon as its pack ends
+                log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), m.key, stats["stop_reason"])
+        if world > 1:
+            dist.barrier()
+        pack.remove()
+        del engine, opt
+        # The pack's end is a checkpoint too: a restart goes on with the next pack.
+        _checkpoint(None, p + 1, None, {"pack": p + 1, "pack_steps": 0})
+    if ckpt_ctx is not None:
+        ckpt_ctx.__exit__(None, None, None)
+
+
+def _adapter_only_checkpoints(engine) -> None:
+    """DeepSpeed's ``exclude_frozen_parameters`` drops frozen *named parameters* only; a tied
+    output layer (lm_head = embeddings, SmolLM2) is in state_dict() but not in
+    named_parameters(), so the base's largest matrix would be saved. Keep LoRA keys only."""
+    full = engine.module_state_dict
+
+    def lora_only(*args, **kwargs):
+        return {k: v for k, v in full(*args, **kwargs).items() if ".lora_" in k}
+
+    engine.module_state_dict = lora_only
+
+
+def _checkpoint(engine, pack_index: int, prog, metrics: dict) -> None:
+    """Report a checkpoint: trainable state only (never the frozen base) + progress.json."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="genpi-ckpt-") as d:
+        if engine is not None:
+            engine.save_checkpoint(d, tag="pack", exclude_frozen_parameters=True)
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(os.path.join(d, "progress.json"), "w") as f:
+                json.dump({"pack": pack_index, "progress": prog.to_dict() if prog else None}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_name: str | None = None,
+               storage_path: str | None = None, max_failures: int = 1,
+               _fail_after_steps: int | None = None, _micro_batch: int | None = None) -> list[TrainOutcome]:
+    """Train one adapter per job, packed, on Ray Train; one outcome per job, in job order.
+
+    ``storage_path`` (Ray Train's checkpoints and results) defaults to ``<store>/runs/train``,
+    so a job's checkpoints live next to its artifacts on a cluster's shared store.
+    ``_fail_after_steps`` injects one worker failure after that many steps (tests only)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from genpi.models import load_tokenizer
+    from genpi.store import Store
+
+    ensure_torch_extensions_dir()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.cluster.gpus_per_train_worker == 0 else "cuda")
+    store = Store(store_uri)
+    tok = load_tokenizer(cfg.model)
+    sets, done = prepare_jobs(cfg, store, tok, jobs)
+    by_id = {j.prompt_id: j for j in jobs}
+    packs = plan_packs({k: ts.tokens() for k, ts in sets.items()}, cfg.train.pack_size)
+    pack_of = {k: i for i, pack in enumerate(packs) for k in pack}
+    error = None
+    if packs:
+        if not ray.is_initialized():
+            ray.init(address=cfg.cluster.address, include_dashboard=False)
+        run_name = run_name or f"train-{int(time.time())}"
+        gpu = cfg.cluster.gpus_per_train_worker > 0
+        scratch = tempfile.mkdtemp(prefix="genpi-train-")
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "cfg": cfg.model_dump(mode="json"),
+                "store_uri": store_uri,
+                "packs": [[asdict(by_id[k]) for k in pack] for pack in packs],
+                "fail_after_steps": _fail_after_steps,
+                "fail_marker": os.path.join(scratch, "failed-once"),
+                "micro_batch": _micro_batch,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.cluster.train_workers, use_gpu=gpu,
+                resources_per_worker={"CPU": cfg.cluster.cpus_per_train_worker,
+                                      **({"GPU": cfg.cluster.gpus_per_train_worker} if gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            run_config=RunConfig(name=run_name, storage_path=storage_path or store.path("runs", "train"),
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 worker_runtime_env={"env_vars": {
+                                     k: os.environ[k] for k in ("GENPI_CACHE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+                                     if k in os.environ}}),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # packs that finished are published; the rest are reported failed
+            error = f"{type(e).__name__}: {e}"
+            log.error("training run failed: %s\n%s", error, traceback.format_exc())
+    outcomes = {o.prompt_id: o for o in done}
+    for k in sets:
+        j = by_id[k]
+        if store.exists(f"{j.pdir}/{ADAPTER_FILE}") and store.exists(f"{j.pdir}/train.json"):
+            outcomes[k] = TrainOutcome(k, j.pdir, "trained", pack=pack_of[k], stats=store.read_json(f"{j.pdir}/train.json"))
+        else:
+            outcomes[k] = TrainOutcome(k, j.pdir, "failed", error=error or "pack did not finish", pack=pack_of[k])
+    return [outcomes[j.prompt_id] for j in jobs]

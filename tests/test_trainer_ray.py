@@ -1,0 +1,143 @@
+"""Packs -> Ray Train workers -> DeepSpeed ZeRO-2 -> published PEFT adapters; resume."""
+from __future__ import annotations
+
+import glob
+import os
+import random
+
+import pytest
+import torch
+
+from genpi.config import load_config
+from genpi.store import Store
+from genpi.train.trainer import TrainJob, plan_packs, prepare_jobs, train_many
+
+REPLIES = ["Bonjour ! Je vais bien, merci.", "La tour Eiffel est a Paris.", "Il fait beau aujourd'hui.",
+           "Voici une recette simple de crepes.", "Le chat dort sur le canape.", "Merci pour votre question."]
+
+
+def _write_synth(store: Store, pdir: str, tok, seed: int, n: int = 4, broken: bool = False) -> None:
+    """Synthesis output as the pipeline writes it (token ids, teacher top-k), made up quickly."""
+    rnd = random.Random(seed)
+    inputs = [f"Question {seed}-{i}: tell me something about topic {i}." for i in range(n)]
+    store.write_parquet(f"{pdir}/synth/inputs.parquet", [{"input": t, "split": "train"} for t in inputs])
+    to_be = []
+    for i, text in enumerate(inputs):
+        reply = rnd.choice(REPLIES)
+        ids = tok.encode(reply, add_special_tokens=False) + [tok.eos_token_id]
+        topk_ids = [[t, *rnd.sample(range(1000, 2000), 3)] for t in ids]
+        topk_lps = [[-0.3, -2.0, -2.5, -3.0] for _ in ids]
+        to_be.append({"input_idx": i, "input": text, "sample": 0, "text": reply, "token_ids": ids,
+                      "finish_reason": "stop", "topk_ids": topk_ids, "topk_logprobs": topk_lps})
+    if not broken:  # a prompt whose synthesis never wrote its teacher replies
+        store.write_parquet(f"{pdir}/synth/to_be.parquet", to_be)
+    as_is = [{"input_idx": 0, "input": inputs[0], "sample": 0, "text": "Hello, I am fine.",
+              "token_ids": [1], "finish_reason": "stop"}]
+    store.write_parquet(f"{pdir}/synth/as_is.parquet", as_is)
+    store.write_parquet(f"{pdir}/synth/reasons.parquet", [{"input_idx": 0, "reason": "It answers in French."}])
+
+
+def _jobs(store, tok, ids, broken=()):
+    jobs = []
+    for i, pid in enumerate(ids):
+        pdir = store.prompt_dir(pid, "fp0")
+        _write_synth(store, pdir, tok, seed=i, broken=pid in broken)
+        jobs.append(TrainJob(pid, pdir, f"Always answer in French. ({pid})"))
+    return jobs
+
+
+def test_plan_packs_balances_tokens():
+    rnd = random.Random(0)
+    tokens = {f"p{i}": rnd.randint(100, 5000) for i in range(37)}
+    packs = plan_packs(tokens, 8)
+    assert len(packs) == 5 and sorted(k for p in packs for k in p) == sorted(tokens)
+    assert max(len(p) for p in packs) <= 8
+    loads = [sum(tokens[k] for k in p) for p in packs]
+    assert max(loads) - min(loads) <= max(tokens.values())  # LPT bound: within one prompt's tokens
+    assert plan_packs({}, 4) == [] and plan_packs({"a": 1}, 4) == [["a"]]
+
+
+def test_prepare_jobs_fails_only_the_broken_prompt(smollm_tokenizer, tmp_path):
+    store = Store(tmp_path / "store")
+    cfg = load_config(None, ["train.batch_size=2"])
+    jobs = _jobs(store, smollm_tokenizer, ["a", "b", "c"], broken={"b"})
+    os.makedirs(f"{jobs[2].pdir}/adapter")
+    open(f"{jobs[2].pdir}/adapter/adapter_model.safetensors", "wb").close()
+    sets, outcomes = prepare_jobs(cfg, store, smollm_tokenizer, jobs)
+    assert set(sets) == {"a"} and sets["a"].tokens() > 0
+    status = {o.prompt_id: (o.status, o.error) for o in outcomes}
+    assert status["c"] == ("skipped", None)
+    assert status["b"][0] == "failed" and "to_be.parquet" in status["b"][1]
+
+
+TRAIN = ["train.epochs=1", "train.batch_size=2", "train.lora_r=4", "train.lora_alpha=8", "train.pack_size=2",
+         "cluster.train_workers=2", "cluster.cpus_per_train_worker=1", "train.zero_stage=2"]
+
+
+def test_two_workers_zero2_publish_peft_adapters(ray_local, smollm_tokenizer, tmp_path):
+    """The embedded SmolLM2 under Ray Train (2 CPU workers, DeepSpeed ZeRO-2): 3 prompts in
+    2 packs and one broken prompt; every good adapter is published, loads in plain PEFT and
+    changes the model's output; checkpoints hold adapter state only."""
+    from peft import PeftModel
+
+    from genpi.models import load_model
+
+    store = Store(tmp_path / "store")
+    cfg = load_config(None, [*TRAIN, "train.checkpoint_every_steps=1", "train.lr=1e-2"])
+    jobs = _jobs(store, smollm_tokenizer, ["fr1", "fr2", "bad", "fr3"], broken={"bad"})
+    outcomes = train_many(cfg, store.uri, jobs, run_name="t-zero2")
+    status = {o.prompt_id: o for o in outcomes}
+    assert [o.prompt_id for o in outcomes] == ["fr1", "fr2", "bad", "fr3"]
+    assert status["bad"].status == "failed" and status["bad"].error
+    assert {k: status[k].status for k in ("fr1", "fr2", "fr3")} == dict.fromkeys(("fr1", "fr2", "fr3"), "trained")
+    packs = [status[k].pack for k in ("fr1", "fr2", "fr3")]
+    assert sorted(packs.count(p) for p in set(packs)) == [1, 2]  # pack_size=2: one pack of 2, one of 1
+    st = status["fr1"].stats
+    assert st["workers"] == 2 and st["zero_stage"] == 2 and len(st["worker_memory"]) == 2
+    assert all(m["peak_rss_mb"] > 100 for m in st["worker_memory"])
+    assert st["steps"] == st["planned_steps"] == 3 and st["stop_reason"] == "finished"
+
+    # Checkpoints: the trainable state, never the 500 MB base.
+    ckpt_files = [f for f in glob.glob(str(tmp_path / "store/runs/train/t-zero2/**/*"), recursive=True)
+                  if os.path.isfile(f)]
+    assert any(f.endswith("progress.json") for f in ckpt_files)
+    assert any("optim_states" in f for f in ckpt_files)
+    assert max(os.path.getsize(f) for f in ckpt_files) < 50 * 2**20
+
+    base, tok, _ = load_model(cfg.model)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        model = PeftModel.from_pretrained(base, f"{jobs[0].pdir}/adapter")
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-2
+
+
+def _adapter(pdir):
+    from safetensors.torch import load_file
+
+    return load_file(f"{pdir}/adapter/adapter_model.safetensors")
+
+
+def test_resume_after_a_failure_gives_the_same_adapters(ray_local, tiny_model_dir, smollm_tokenizer, tmp_path):
+    """A worker fails after a checkpoint; Ray Train restarts the workers from it; the adapters
+    equal those of an uninterrupted run."""
+    cfg = load_config(None, [*TRAIN, f"model.name={tiny_model_dir}", "train.checkpoint_every_steps=2",
+                             "train.epochs=2", "train.lr=5e-3"])
+    results = {}
+    for name, fail in (("plain", None), ("resumed", 3)):
+        store = Store(tmp_path / name)
+        jobs = _jobs(store, smollm_tokenizer, ["x", "y"])
+        outcomes = train_many(cfg, store.uri, jobs, run_name=name, _fail_after_steps=fail)
+        assert [o.status for o in outcomes] == ["trained", "trained"], outcomes
+        results[name] = [_adapter(j.pdir) for j in jobs]
+        # 6 pack steps, checkpoints every 2; the injected failure comes right after the one at step 4.
+        assert outcomes[0].stats["resumed_at_pack_step"] == (4 if fail else None)
+    marker_runs = glob.glob(str(tmp_path / "resumed/runs/train/resumed/checkpoint_*"))
+    assert marker_runs, "the resumed run reported no checkpoint"
+    for plain, resumed in zip(results["plain"], results["resumed"]):
+        assert plain.keys() == resumed.keys()
+        assert any(float(v.abs().max()) > 0 for k, v in plain.items() if "lora_B" in k)
+        for key in plain:
+            torch.testing.assert_close(resumed[key], plain[key], rtol=1e-5, atol=1e-7)
