@@ -57,7 +57,7 @@ class ScriptedEngine:
                 turn = sum(m["role"] == "assistant" for m in r.messages[1:])
                 text = self.env_script[first][turn - 1]
             else:
-                text = f"agent reply {len(r.messages)} to {r.messages[1]['content']}"
+                text = ["Sure, here you go.", "Happy to help with that too.", "Yes indeed, that works well."][len(r.messages) // 2 - 1]
             outs.append(Completion(text=text, token_ids=[1, 2, 0], finish_reason="stop", prompt_tokens=5))
         return outs
 
@@ -93,7 +93,7 @@ def test_roleplay_loop_with_scripted_engine_drops_ended_conversations():
     # a: ends by marker at its 2nd env turn; b: goes to the turn limit; c: empty env turn.
     script = {
         "input a": ["follow-up a", "thanks [END_CONVERSATION]"],
-        "input b": ["follow-up b", "second follow-up b", "never used"],
+        "input b": ["what about tomorrow", "and on sunday morning", "never used"],
         "input c": [""],
     }
     engine = ScriptedEngine(script)
