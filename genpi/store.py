@@ -23,6 +23,18 @@ import fsspec
 REGISTRY = "registry.json"
 
 
+# Settings Ray workers need to reach the store (and the model cache) the way the driver does.
+_FORWARD_ENV = ("GENPI_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment to pass to Ray workers (runtime_env env_vars): on a local cluster they
+    inherit it anyway; on a cluster whose pods set credentials themselves (a Secret), the
+    driver's copy is the same. Only variables that are set are passed."""
+    return {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+
+
 def fingerprint(parts: dict[str, Any]) -> str:
     """Stable short hash of everything that determines a prompt's artifacts."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()

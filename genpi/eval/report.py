@@ -62,9 +62,11 @@ def format_eval(ev: dict) -> str:
     return "\n".join(out)
 
 
-def write_run_report(store, plans, results, seconds: float) -> tuple[str, str]:
-    """Write <store>/runs/<run id>/report.{json,md}; return (run dir, Markdown text)."""
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+def write_run_report(store, plans, results, seconds: float, run_id: str | None = None,
+                     extra: dict | None = None) -> tuple[str, str]:
+    """Write <store>/runs/<run id>/report.{json,md}; return (run dir, Markdown text).
+    `extra` goes into report.json (the batch job adds stage times and prompt lengths)."""
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = store.path("runs", run_id)
     rows = []
     for r in results:
@@ -102,6 +104,7 @@ def write_run_report(store, plans, results, seconds: float) -> tuple[str, str]:
         "run_id": run_id, "seconds": seconds,
         "prompts": [{**asdict(r), "status": r.status} for r in results],
         "plan": [{"id": p.id, "fingerprint": p.fingerprint, "status": p.status} for p in plans],
+        **(extra or {}),
     })
     store.write_bytes(f"{run_dir}/report.md", text.encode())
     return run_dir, text

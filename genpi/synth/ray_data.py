@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from genpi.config import ClusterConfig, GenpiConfig
+from genpi.store import worker_env
 from genpi.synth.stages import Row, batch_rows, run_isolated
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class RayDataRunner:
             compute=ActorPoolStrategy(size=max(1, min(self.actors, n_batches))),
             num_cpus=c.cpus_per_engine_actor,
             num_gpus=c.gpus_per_engine_actor,
+            runtime_env={"env_vars": worker_env()},
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for payload in batch["payload"]:

@@ -257,7 +257,7 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from genpi.models import load_tokenizer
-    from genpi.store import Store
+    from genpi.store import Store, worker_env
 
     ensure_torch_extensions_dir()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.cluster.gpus_per_train_worker == 0 else "cuda")
@@ -292,9 +292,9 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
             run_config=RunConfig(name=run_name, storage_path=storage_path or store.path("runs", "train"),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 worker_runtime_env={"env_vars": {
-                                     k: os.environ[k] for k in ("GENPI_CACHE", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
-                                     if k in os.environ}}),
+                                 worker_runtime_env={"env_vars": {**worker_env(), **{
+                                     k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+                                     if k in os.environ}}}),
         )
         try:
             trainer.fit()
