@@ -128,7 +128,10 @@ scripts.main()'
 ray_start() {  # ray_start NODE_INDEX LOGNAME ARGS...: one node, its own ports, in the background
   local n=$1 name=$2; shift 2
   local b=$((2 + n * 7)) r=$((2 + (workers + 1) * 7 + n * 2))
-  "$PY" -c "$RAY_START" start --block --disable-usage-stats --temp-dir "$tmp" --node-ip-address 127.0.0.1 \
+  # A Ray folder per node: nodes sharing one would share runtime_resources/, and one node's
+  # runtime env agent deletes a working_dir another node's job is still importing from.
+  mkdir -p "$tmp/n$n"
+  "$PY" -c "$RAY_START" start --block --disable-usage-stats --temp-dir "$tmp/n$n" --node-ip-address 127.0.0.1 \
     --node-manager-port "${ports[$b]}" --object-manager-port "${ports[$((b+1))]}" \
     --dashboard-agent-grpc-port "${ports[$((b+2))]}" --dashboard-agent-listen-port "${ports[$((b+3))]}" \
     --metrics-export-port "${ports[$((b+4))]}" --runtime-env-agent-port "${ports[$((b+5))]}" \
@@ -168,8 +171,18 @@ PYEOF
 then
   log "head failed to start; its log:"; tail -n 30 "$tmp/head.log" >&2; exit 1
 fi
+# Workers one at a time: a raylet that is not registered within Ray's fixed 30 s (a busy
+# machine starting several at once) makes `ray start` give up; such a worker is tried again.
 for ((i=1; i<=workers; i++)); do
-  ray_start "$i" "worker-$i" --address "127.0.0.1:$gcs_port" --num-cpus "$cpus"
+  for attempt in 1 2 3; do
+    ray_start "$i" "worker-$i" --address "127.0.0.1:$gcs_port" --num-cpus "$cpus"
+    pid=${pids[${#pids[@]}-1]}
+    while kill -0 "$pid" 2>/dev/null && ! grep -q "Ray runtime started" "$tmp/worker-$i.log"; do sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && break
+    log "worker $i failed to start (attempt $attempt); last lines of its log:"; tail -n 3 "$tmp/worker-$i.log" >&2
+    unset 'pids[${#pids[@]}-1]'; pids=("${pids[@]}")
+    [ "$attempt" = 3 ] && exit 1
+  done
 done
 if ! "$PY" - "127.0.0.1:$gcs_port" "$((workers + 1))" <<'PYEOF'
 import logging, sys, time

@@ -547,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check", action="store_true", help="exit 1 when k8s/ differs from what would be generated")
     g.add_argument("--render", metavar="DIR", help="print the kustomize output of DIR (e.g. k8s/overlays/gpu-prod)")
     args = ap.parse_args(argv)
+    if not args.render and not (REPO / "cluster" / "configs").is_dir():
+        print(f"genpi k8s: no cluster/configs/ under {REPO}: run it from a checkout of the repository "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
     if args.render:
         sys.stdout.write("---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120)
                                       for d in kustomize_build(args.render)))

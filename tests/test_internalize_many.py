@@ -169,6 +169,9 @@ def _job_cmd(manifest, store, tiny_model_dir, *extra):
             f"model.name={tiny_model_dir}", *SMALL, *extra]
 
 
+# ~3 min on 2 cores: run with -m slow (tests/test_pipeline.py::test_resume_after_kill covers
+# a kill during training on one machine in the default suite).
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_publishes_each_once(ray_head, tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     manifest = write_manifest(tmp_path / "prompts.yaml", {k: PROMPTS[k] for k in ("french", "pirate", "chef")})
@@ -210,29 +213,39 @@ def test_ray_job_submit_to_a_local_head(ray_head, tmp_path, tiny_model_dir):
     assert "pirate" in json.loads((store / "registry.json").read_text())
 
 
-def test_store_on_s3_compatible_server(ray_local, tmp_path, tiny_model_dir, monkeypatch):
+def test_store_on_s3_compatible_server(tmp_path, tiny_model_dir):
+    """The whole job against a real S3-compatible server (moto) on 127.0.0.1, run as a user
+    would: credentials and endpoint in the environment, a local Ray of its own."""
     pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
     server.start()
     try:
         host, port = server._server.server_address[:2]
-        env = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+        aws = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
                "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
         import boto3
 
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="genpi-test")
+        boto3.client("s3", **{"endpoint_url": aws["AWS_ENDPOINT_URL"], "aws_access_key_id": "test-key",
+                              "aws_secret_access_key": "test-secret", "region_name": "us-east-1"}
+                     ).create_bucket(Bucket="genpi-test")
         manifest = write_manifest(tmp_path / "prompts.yaml", {"pirate": PROMPTS["pirate"]})
-        cfg = load_config(None, [*SMALL, f"model.name={tiny_model_dir}", "store=s3://genpi-test/store"])
-        assert internalize_many(str(manifest), cfg) == 0
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(aws, RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu",
+                   TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+        r = subprocess.run(_job_cmd(manifest, "s3://genpi-test/store", tiny_model_dir), env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        for k, v in aws.items():
+            os.environ.setdefault(k, v)  # for the Store below (s3fs reads them)
         s3 = Store("s3://genpi-test/store")
         fp = s3.registry()["pirate"]["fingerprint"]
         pdir = s3.prompt_dir("pirate", fp)
         for rel in ("DONE", "eval.json", "adapter/adapter_model.safetensors", "synth/to_be.parquet"):
             assert s3.exists(f"{pdir}/{rel}"), rel
-        # and nothing was written to a local folder named like the store
-        assert not Path("s3:").exists() and not (tmp_path / "genpi-test").exists()
+        assert s3.fs.ls(s3.path("runs")), "no run report in the bucket"
+        assert not any(tmp_path.glob("genpi-test*")), "the store was written to a local folder"
     finally:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            os.environ.pop(k, None)
         server.stop()

@@ -243,6 +243,14 @@ def _checkpoint(engine, pack_index: int, prog, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def _arrow_fs(store):
+    """The store's own fsspec filesystem (s3fs, gcsfs, ...) for Ray Train's checkpoints, so they
+    reach the store with exactly the credentials and endpoint the store uses."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(store.fs))
+
+
 # ---- the driver ----------------------------------------------------------------------------
 def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_name: str | None = None,
                storage_path: str | None = None, max_failures: int = 1,
@@ -290,6 +298,7 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
                                       **({"GPU": cfg.cluster.gpus_per_train_worker} if gpu else {})}),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             run_config=RunConfig(name=run_name, storage_path=storage_path or store.path("runs", "train"),
+                                 storage_filesystem=None if (storage_path or store.local) else _arrow_fs(store),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  worker_runtime_env={"env_vars": {**worker_env(), **{
