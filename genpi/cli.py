@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-lora", action="store_true",
                    help="copy published adapters to the <uri>/<id>/ layout Ray Serve LLM (serve.backend=vllm) loads")
     _common(p)
+    p = sub.add_parser("k8s", help="regenerate the KubeRay manifests in k8s/ from cluster/configs/ (or check them)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="exit 1 when k8s/ is stale")
+    g.add_argument("--render", metavar="DIR", help="print the kustomize output of DIR, e.g. k8s/overlays/gpu-prod")
+    p.add_argument("-v", "--verbose", action="store_true")
     return ap
 
 
@@ -202,6 +207,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_k8s(args) -> int:
+    from genpi.k8s import main as k8s_main
+
+    return k8s_main(["--check"] if args.check else ["--render", args.render] if args.render else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     # argparse fills the positional `overrides` only in the first run of positionals, so
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect,
-                "serve": cmd_serve}[args.cmd](args)
+                "serve": cmd_serve, "k8s": cmd_k8s}[args.cmd](args)
     except (ConfigError, ManifestError, ModelError, LookupError, FileNotFoundError) as e:
         # Input problems get a message, not a traceback (use -v for one).
         if args.verbose:

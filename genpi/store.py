@@ -25,7 +25,8 @@ REGISTRY = "registry.json"
 
 # Settings Ray workers need to reach the store (and the model cache) the way the driver does.
 _FORWARD_ENV = ("GENPI_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+                "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+                "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
 
 
 def worker_env() -> dict[str, str]:

@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = ap.parse_known_args(argv)
     if any(o.startswith("-") for o in overrides):
         ap.error(f"unrecognized arguments: {' '.join(o for o in overrides if o.startswith('-'))}")
+    if not args.verbose:
+        # Every actor loading the model would print transformers' progress bars and notices.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 

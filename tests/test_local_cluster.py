@@ -31,8 +31,16 @@ def _run(command: list[str], timeout: float) -> tuple[subprocess.CompletedProces
            "GENPI_CACHE": os.environ.get("GENPI_CACHE", str(REPO / ".cache" / "genpi")),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(["bash", str(SCRIPT), "--workers", "2", "--", *command], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--workers", "2", "--", *command], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the script's trap must get to stop the cluster.
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=90)
+        pytest.fail(f"local-cluster.sh ran past {timeout} s; its output:\n{(stdout + stderr)[-4000:]}")
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     text = out.stdout + out.stderr
     m = re.search(r"temp folder (/tmp/genpi-ray\.\w+)", text)
     assert m, text[-3000:]
@@ -63,7 +71,7 @@ def test_local_cluster_runs_the_batch_job_across_worker_nodes(tmp_path):
     job = ["python", "jobs/internalize_many.py", "--manifest", "examples/prompts/french.yaml",
            "--config", "cluster/configs/cpu-dev.yaml", "--store", str(store), *TINY]
     out, tmp = _run(["bash", "-c", 'exec ray job submit --address "$RAY_DASHBOARD_ADDRESS" '
-                                   '--runtime-env cluster/runtime_env.yaml -- "$@"', "submit", *job], timeout=170)
+                                   '--runtime-env cluster/runtime_env.yaml -- "$@"', "submit", *job], timeout=480)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "succeeded" in text
