@@ -86,7 +86,8 @@ def test_small_internalization_moves_the_adapter_towards_the_teacher(tmp_path):
                    "synth.n_train_inputs=24", "synth.n_heldout_inputs=6", "synth.max_input_rounds=2",
                    "synth.reply_max_new_tokens=32", "synth.n_pg_examples=4", "synth.reason_max_new_tokens=24",
                    "train.epochs=2", "train.lr=1e-3", "eval.max_new_tokens=32", "eval.leak_max_new_tokens=48",
-                   "eval.latency_repeats=1"])
+                   # role-play is covered by tests/test_roleplay.py and test_synth_ray.py
+                   "eval.latency_repeats=1", "synth.roleplay_conversations=0"])
     assert rc == 0
     reg = json.loads((store / "registry.json").read_text())
     ev = json.loads((store / "prompts" / "fr" / reg["fr"]["fingerprint"] / "eval.json").read_text())

@@ -184,6 +184,11 @@ def _worker(config: dict) -> None:
 
         def on_step(pr: PackProgress) -> None:
             total_steps[0] += 1
+            if rank == 0 and (pr.pack_steps % 10 == 0 or all(pr.done)):
+                # Long work shows progress: a line per 10 steps reaches the driver's log.
+                print(f"[train] pack {p + 1}/{len(packs)}: step {pr.pack_steps}/{max(pr.total)}, "
+                      f"{sum(pr.done)}/{len(pr.done)} adapters done, "
+                      f"{pr.tokens / max(pr.seconds, 1e-9):.0f} tokens/s", flush=True)
             if pr.pack_steps % cfg.train.checkpoint_every_steps == 0 and not all(pr.done):
                 _checkpoint(engine, p, pr, {"pack_steps": pr.pack_steps, "pack": p})
                 if fail_after is not None and total_steps[0] >= fail_after:
