@@ -207,7 +207,7 @@ def test_ray_job_submit_to_a_local_head(ray_head, tmp_path, tiny_model_dir):
     cmd = ["ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO), "--",
            "python", "jobs/internalize_many.py", "--manifest", str(manifest), "--store", str(store),
            f"model.name={tiny_model_dir}", *SMALL]
-    for _ in range(6):
+    for _ in range(24):
         r = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=600)
         # The head's job agent can come up some seconds after its HTTP API answers.
         if "No available agent to submit job" not in r.stdout + r.stderr:
