@@ -203,6 +203,10 @@ def test_sigkill_during_training_then_resume_publishes_each_once(ray_head, tmp_p
         assert tree(d / "synth") == synth_before[pid], f"{pid}: synthesis was redone"
 
 
+# Slow: a Ray head with its job server takes a minute or more to accept jobs on 2 busy cores
+# (the job agent comes up after the HTTP API). `cluster/local-cluster.sh`'s test submits the
+# job too (also -m slow).
+@pytest.mark.slow
 def test_ray_job_submit_to_a_local_head(ray_head, tmp_path, tiny_model_dir):
     store = tmp_path / "store"
     manifest = write_manifest(tmp_path / "prompts.yaml", {"pirate": PROMPTS["pirate"]})
