@@ -50,3 +50,14 @@ class Engine(Protocol):
         ...
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], assistant_prefix: str | None = None) -> list[int]:
+    """Token ids of a chat in the model's own template, ending where the reply starts (or
+    continuing a pre-filled `assistant_prefix`). Every engine uses this, so all see the same tokens."""
+    if assistant_prefix:
+        msgs = [*messages, {"role": "assistant", "content": assistant_prefix}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    else:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

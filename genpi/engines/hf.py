@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from genpi.engines.base import ChatRequest, Completion
+from genpi.engines.base import ChatRequest, Completion, render_chat
 
 
 class HFEngine:
@@ -37,12 +37,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]], assistant_prefix: str | None = None) -> list[int]:
-        if assistant_prefix:
-            msgs = [*messages, {"role": "assistant", "content": assistant_prefix}]
-            text = self.tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
-        else:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return render_chat(self.tok, messages, assistant_prefix)
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.render(messages))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from genpi.engines.base import ChatRequest, Completion
+from genpi.engines.base import ChatRequest, Completion, render_chat
 
 
 class VLLMEngine:
@@ -60,12 +60,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]], assistant_prefix: str | None = None) -> list[int]:
-        if assistant_prefix:
-            msgs = [*messages, {"role": "assistant", "content": assistant_prefix}]
-            text = self.tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
-        else:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return render_chat(self.tok, messages, assistant_prefix)
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.render(messages))
