@@ -20,33 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import build_model as build  # noqa: E402
 
 PROMPT = "You are a cooking assistant. Give short recipes as numbered steps and always suggest a side dish."
 INPUTS = ["How do I boil an egg?", "What can I cook with rice and beans?", "How do I make pancakes?",
           "What is a quick vegetarian dinner?", "How long do I roast a chicken?", "How do I make a salad dressing?",
           "What goes well with grilled fish?", "How do I cook pasta properly?"]
-
-
-def build(model_name: str, device: str):
-    import torch
-
-    from genpi.config import ModelConfig
-    from genpi.models import load_model, load_tokenizer
-
-    tok = load_tokenizer(ModelConfig())
-    if model_name == "embedded":
-        model, tok, _ = load_model(ModelConfig(device=device))
-        return model, tok
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
 
 
 class Serial:
@@ -67,6 +48,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="embedded", choices=["embedded", "qwen2-0.5b-random"])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     import torch
 
@@ -105,8 +87,8 @@ def main() -> None:
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
            "config": vars(args), "arms": results, "ratio_batched_over_serial": round(ratio, 2),
            "measured_at": time.strftime("%Y-%m-%d %H:%M")}
-    path = Path(__file__).parent / "results" / f"synth-{args.device}.json"
-    path.parent.mkdir(exist_ok=True)
+    path = Path(args.out) / f"synth-{args.device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"written: {path}")
 

@@ -1,4 +1,4 @@
-"""`genpi` command line: internalize, eval, chat, inspect, serve. Thin: parsing and printing only."""
+"""`genpi` command line: internalize, eval, chat, inspect, serve, k8s, bench. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 1 when k8s/ is stale")
     g.add_argument("--render", metavar="DIR", help="print the kustomize output of DIR, e.g. k8s/overlays/gpu-prod")
     p.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmarks of a source checkout (bench/run.py; its options follow, see --help)")
     return ap
 
 
@@ -213,7 +215,28 @@ def cmd_k8s(args) -> int:
     return k8s_main(["--check"] if args.check else ["--render", args.render] if args.render else [])
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """`genpi bench ...` is `python bench/run.py ...`: the benchmarks live in the source tree."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    if not script.is_file():
+        print(f"genpi bench: error: {script} not found; the benchmarks run from a source checkout "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to bench/run.py, not to this parser
+        return cmd_bench(argv[1:])
     ap = build_parser()
     # argparse fills the positional `overrides` only in the first run of positionals, so
     # `internalize m.yaml --store s train.epochs=3` would reject the override: take the

@@ -7,8 +7,6 @@ score is 0 by construction and the KL ratio is 1 - KL(T||A) / KL(T||B).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from tqdm.auto import tqdm
 
@@ -16,6 +14,7 @@ from genpi.config import GenpiConfig
 from genpi.engines.base import ChatRequest
 from genpi.engines.hf import HFEngine
 from genpi.eval.checks import check_name, run_check
+from genpi.eval.efficiency import compare
 from genpi.eval.metrics import agreement, internalization_ratio, leak_score, mean
 from genpi.manifest import PromptEntry
 from genpi.synth.replies import student_messages, teacher_messages
@@ -45,45 +44,39 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
-def _latency(model, tok, engine: HFEngine, messages: list[dict], new_tokens: int, repeats: int) -> dict:
-    """Batch-1 prefill time (time to first token) and time for `new_tokens` tokens."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([engine.render(messages)], device=device)
-    prefill, total = [], []
-    with torch.no_grad():
-        model(input_ids=ids)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            prefill.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=engine.pad_id)
-            total.append(time.perf_counter() - t0)
-    return {"prefill_s": sorted(prefill)[len(prefill) // 2], "generate_s": sorted(total)[len(total) // 2]}
-
-
 def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_name: str, cfg: GenpiConfig) -> dict:
     """`peft_model` is the base with the adapter loaded under `adapter_name`."""
+    return evaluate_many(peft_model, tok, entry, heldout, [adapter_name], cfg)[adapter_name]
+
+
+def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_names: list[str],
+                  cfg: GenpiConfig) -> dict[str, dict]:
+    """Evaluate several adapters of one prompt (e.g. trained with different losses) against
+    one set of teacher and base replies: {adapter name: eval.json content}.
+
+    The teacher and base replies, their log-probabilities and the prompted latency do not
+    depend on the adapter, so they are computed once; each adapter's result is what
+    `evaluate` would give it alone."""
     ec = cfg.eval
     engine = HFEngine(peft_model, tok, cfg.engine.batch_size)
     reqs = []
     for i, x in enumerate(heldout):
         reqs.append(ChatRequest(teacher_messages(entry.prompt, x), ec.max_new_tokens, tag=("teacher", i)))
         reqs.append(ChatRequest(student_messages(x), ec.max_new_tokens, tag=("base", i)))
-        reqs.append(ChatRequest(student_messages(x), ec.max_new_tokens, adapter=adapter_name, tag=("adapter", i)))
+        for a in adapter_names:
+            reqs.append(ChatRequest(student_messages(x), ec.max_new_tokens, adapter=a, tag=(("adapter", a), i)))
     for j, probe in enumerate(ec.leak_probes):
         n_leak = ec.leak_max_new_tokens
         reqs.append(ChatRequest(teacher_messages(entry.prompt, probe), n_leak, tag=("leak_teacher", j)))
         reqs.append(ChatRequest(student_messages(probe), n_leak, tag=("leak_base", j)))
-        reqs.append(ChatRequest(student_messages(probe), n_leak, adapter=adapter_name, tag=("leak_adapter", j)))
+        for a in adapter_names:
+            reqs.append(ChatRequest(student_messages(probe), n_leak, adapter=a, tag=(("leak_adapter", a), j)))
     with tqdm(total=len(reqs), desc=f"{entry.id}: eval replies", unit="req", leave=False) as bar:
         outs = engine.generate(reqs, progress=bar.update)
-    replies: dict[str, dict[int, object]] = {}
+    replies: dict = {}
     for c in outs:
         replies.setdefault(c.tag[0], {})[c.tag[1]] = c
     n = len(heldout)
-    text = {s: [replies[s][i].text for i in range(n)] for s in SYSTEMS}
 
     # KL on the teacher's own replies (those that produced at least one token).
     keep = [i for i in range(n) if replies["teacher"][i].text.strip()]
@@ -93,66 +86,72 @@ def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_na
     t_conv = [conv(teacher_messages(entry.prompt, heldout[i]), i) for i in keep]
     s_conv = [conv(student_messages(heldout[i]), i) for i in keep]
     bs = max(1, cfg.engine.batch_size // 2)
-    metrics: dict[str, dict] = {}
     if keep:
         with peft_model.disable_adapter():
             lp_t = _reply_logprobs(peft_model, tok, t_conv, bs)
             lp_b = _reply_logprobs(peft_model, tok, s_conv, bs)
-        peft_model.set_adapter(adapter_name)
-        lp_a = _reply_logprobs(peft_model, tok, s_conv, bs)
         kl_b = torch.cat([_kl_rows(t, b) for t, b in zip(lp_t, lp_b)])
-        kl_a = torch.cat([_kl_rows(t, a) for t, a in zip(lp_t, lp_a)])
-        kl = {"teacher": 0.0, "base": float(kl_b.mean()), "adapter": float(kl_a.mean())}
-        kl["ratio"] = internalization_ratio(kl["adapter"], kl["base"], kl["teacher"])
-        kl["tokens"] = int(kl_b.numel())
-    else:
-        # The teacher said nothing on any held-out input: there is no distribution to match.
-        kl = {"teacher": 0.0, "base": None, "adapter": None, "ratio": None, "tokens": 0}
-    metrics["kl"] = kl
 
-    agree = {s: mean([agreement(text[s][i], text["teacher"][i]) for i in range(n)]) for s in SYSTEMS}
-    agree["ratio"] = internalization_ratio(agree["adapter"], agree["base"], agree["teacher"])
-    metrics["agreement"] = agree
-    for check in entry.checks:
-        name = f"check:{check_name(check)}"
-        m = {s: mean([float(run_check(check, t)) for t in text[s]]) for s in SYSTEMS}
-        m["ratio"] = internalization_ratio(m["adapter"], m["base"], m["teacher"])
-        metrics[name] = m
-
-    # Efficiency: what the request no longer sends, and what that costs in time.
+    # Efficiency: what the request no longer sends, and what that costs in time. Every
+    # adapter has the same shape, so the first one stands for all in the latency figures.
     with_prompt = [engine.count_prompt_tokens(teacher_messages(entry.prompt, x)) for x in heldout]
     without = [engine.count_prompt_tokens(student_messages(x)) for x in heldout]
     n_params = sum(p.numel() for p in peft_model.get_base_model().parameters())
     saved = mean([a - b for a, b in zip(with_prompt, without)])
-    lat_in = student_messages(heldout[0])
-    with peft_model.disable_adapter():
-        lat_t = _latency(peft_model, tok, engine, teacher_messages(entry.prompt, heldout[0]), 16, ec.latency_repeats)
-    peft_model.set_adapter(adapter_name)
-    lat_a = _latency(peft_model, tok, engine, lat_in, 16, ec.latency_repeats)
+    peft_model.set_adapter(adapter_names[0])
+    cmp = compare(peft_model, with_prompt_ids=engine.render(teacher_messages(entry.prompt, heldout[0])),
+                  without_ids=engine.render(student_messages(heldout[0])), n_params=n_params, new_tokens=16,
+                  repeats=ec.latency_repeats, pad_id=engine.pad_id, base_ctx=peft_model.disable_adapter())
     efficiency = {
         "input_tokens_with_prompt": mean(with_prompt),
         "input_tokens_without_prompt": mean(without),
         "input_tokens_saved_per_request": saved,
         "input_tokens_saved_share": saved / mean(with_prompt),
-        # Dense-transformer estimate (2 FLOPs per parameter per token; attention ignored).
-        "prefill_flops_saved_per_request": 2 * n_params * saved,
-        "latency_with_prompt": lat_t,
-        "latency_adapter_without_prompt": lat_a,
-        "prefill_speedup": lat_t["prefill_s"] / max(lat_a["prefill_s"], 1e-9),
-        "generate_speedup": lat_t["generate_s"] / max(lat_a["generate_s"], 1e-9),
+        "prefill_flops_saved_per_request": cmp["prefill_flops_with_prompt"] - cmp["prefill_flops_without_prompt"],
+        "latency_with_prompt": cmp["latency_with_prompt"],
+        "latency_adapter_without_prompt": cmp["latency_adapter_without_prompt"],
+        "prefill_speedup": 1 / max(cmp["ratio_prefill_s"], 1e-9),
+        "generate_speedup": 1 / max(cmp["ratio_generate_s"], 1e-9),
     }
-    leak = {
-        s: max(leak_score(replies[f"leak_{s}"][j].text, entry.prompt) for j in range(len(ec.leak_probes)))
-        for s in SYSTEMS
-    } if ec.leak_probes else {}
-    samples = [{"input": heldout[i], **{s: text[s][i] for s in SYSTEMS}} for i in range(min(5, n))]
-    leak_samples = [{"probe": p, "adapter": replies["leak_adapter"][j].text} for j, p in enumerate(ec.leak_probes)]
-    return {
-        "prompt_id": entry.id,
-        "n_heldout": n,
-        "metrics": metrics,
-        "efficiency": efficiency,
-        "leak": leak,
-        "samples": samples,
-        "leak_samples": leak_samples,
-    }
+
+    results = {}
+    for a in adapter_names:
+        text = {"teacher": [replies["teacher"][i].text for i in range(n)],
+                "base": [replies["base"][i].text for i in range(n)],
+                "adapter": [replies[("adapter", a)][i].text for i in range(n)]}
+        metrics: dict[str, dict] = {}
+        if keep:
+            peft_model.set_adapter(a)
+            lp_a = _reply_logprobs(peft_model, tok, s_conv, bs)
+            kl_a = torch.cat([_kl_rows(t, x) for t, x in zip(lp_t, lp_a)])
+            kl = {"teacher": 0.0, "base": float(kl_b.mean()), "adapter": float(kl_a.mean())}
+            kl["ratio"] = internalization_ratio(kl["adapter"], kl["base"], kl["teacher"])
+            kl["tokens"] = int(kl_b.numel())
+        else:
+            # The teacher said nothing on any held-out input: there is no distribution to match.
+            kl = {"teacher": 0.0, "base": None, "adapter": None, "ratio": None, "tokens": 0}
+        metrics["kl"] = kl
+        agree = {s: mean([agreement(text[s][i], text["teacher"][i]) for i in range(n)]) for s in SYSTEMS}
+        agree["ratio"] = internalization_ratio(agree["adapter"], agree["base"], agree["teacher"])
+        metrics["agreement"] = agree
+        for check in entry.checks:
+            name = f"check:{check_name(check)}"
+            m = {s: mean([float(run_check(check, t)) for t in text[s]]) for s in SYSTEMS}
+            m["ratio"] = internalization_ratio(m["adapter"], m["base"], m["teacher"])
+            metrics[name] = m
+        leak_key = {"teacher": "leak_teacher", "base": "leak_base", "adapter": ("leak_adapter", a)}
+        leak = {
+            s: max(leak_score(replies[leak_key[s]][j].text, entry.prompt) for j in range(len(ec.leak_probes)))
+            for s in SYSTEMS
+        } if ec.leak_probes else {}
+        results[a] = {
+            "prompt_id": entry.id,
+            "n_heldout": n,
+            "metrics": metrics,
+            "efficiency": efficiency,
+            "leak": leak,
+            "samples": [{"input": heldout[i], **{s: text[s][i] for s in SYSTEMS}} for i in range(min(5, n))],
+            "leak_samples": [{"probe": p, "adapter": replies[("leak_adapter", a)][j].text}
+                             for j, p in enumerate(ec.leak_probes)],
+        }
+    return results

@@ -1,0 +1,176 @@
+"""The benchmark harness: shared evaluation of several adapters, the FLOPs model, the quality
+suite end to end on a tiny model (resumable), and the results table of bench/run.py."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY_OVERRIDES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The bench/ scripts as modules (they are scripts, not a package)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        yield {m: importlib.import_module(m) for m in ("common", "quality", "efficiency", "run")}
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def _random_adapter(model, name, seed, cfg):
+    from genpi.train.loop import lora_config
+
+    torch.manual_seed(seed)
+    model.add_adapter(name, lora_config(cfg))
+    for n, p in model.named_parameters():
+        if "lora_B" in n and f".{name}." in n:
+            torch.nn.init.normal_(p, std=0.5)
+
+
+def test_evaluate_many_gives_each_adapter_what_evaluate_gives_it_alone(tiny_model_dir, tiny_config, tiny_seeds,
+                                                                     single_thread_torch):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genpi.eval.run import evaluate, evaluate_many
+    from genpi.manifest import PromptEntry
+    from genpi.train.loop import lora_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    entry = PromptEntry(id="pirate", prompt="You are a pirate. Always say Arr.", seed_inputs=tiny_seeds,
+                        checks=[{"type": "regex", "pattern": "a", "name": "has-a"}])
+    peft_model = get_peft_model(model, lora_config(tiny_config.train), adapter_name="a0")
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    _random_adapter(peft_model, "a1", 1, tiny_config.train)
+    heldout = tiny_seeds[:3]
+    many = evaluate_many(peft_model, tok, entry, heldout, ["a0", "a1"], tiny_config)
+    assert set(many) == {"a0", "a1"}
+    # The two adapters differ, so their scores must too (else the test would prove nothing).
+    assert many["a0"]["metrics"]["kl"]["adapter"] != many["a1"]["metrics"]["kl"]["adapter"]
+    for name in ("a0", "a1"):
+        alone = evaluate(peft_model, tok, entry, heldout, name, tiny_config)
+        for metric, scores in alone["metrics"].items():
+            for system, value in scores.items():
+                got = many[name]["metrics"][metric][system]
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric, system)
+        assert many[name]["leak"] == pytest.approx(alone["leak"])
+        assert many[name]["samples"] == alone["samples"]
+
+
+def test_prefill_flops_match_a_flop_counter(tiny_llama):
+    """The formula (dense 2*P*T + causal attention 2*L*d*T^2) against torch's FLOP counter on
+    eager attention, which computes the full T x T score matrix (twice the causal half)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genpi.eval.efficiency import prefill_flops
+
+    model = tiny_llama(vocab_size=256, tie_word_embeddings=True, attn_implementation="eager")
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    for t in (16, 128):
+        ids = torch.randint(0, 256, (1, t))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=ids)
+        counted = counter.get_total_flops()
+        full_attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * t * t
+        causal_estimate = prefill_flops(cfg, n_params, t)
+        # Parameters the counter does not see as matmuls (norm weights) are <1% here.
+        assert causal_estimate + full_attention / 2 == pytest.approx(counted, rel=0.03), t
+    assert prefill_flops(cfg, n_params, 2048) > 2 * prefill_flops(cfg, n_params, 1024)  # super-linear
+
+
+def test_efficiency_bench_on_a_tiny_model(bench, tiny_model_dir, single_thread_torch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    res = bench["efficiency"].run("tiny", "cpu", buckets=(32, 256), repeats=1, new_tokens=2, model=model, tok=tok)
+    short, long_ = res["buckets"]
+    # (SmolLM2's template puts a default system message into a bare request, so a short
+    # prompt saves less than its own length.)
+    assert short["input_tokens_with_prompt"] >= 32 and short["input_tokens_without_prompt"] < short["input_tokens_with_prompt"]
+    assert long_["input_tokens_with_prompt"] >= 256
+    assert short["input_tokens_without_prompt"] == long_["input_tokens_without_prompt"]
+    assert long_["ratio_input_tokens"] < short["ratio_input_tokens"] < 1
+    assert long_["ratio_prefill_flops"] < long_["ratio_input_tokens"]  # attention makes long prompts dearer
+    for r in res["buckets"]:
+        assert r["latency_with_prompt"]["prefill_s"] > 0 and r["latency_adapter_without_prompt"]["generate_s"] > 0
+    assert not hasattr(model, "peft_config")  # the adapter was removed again
+    md = bench["efficiency"].table(res)
+    assert md.count("\n") == 3 and "| 256 |" in md
+
+
+def test_quality_suite_end_to_end_on_a_tiny_model_and_resumes(bench, tiny_model_dir, tmp_path, single_thread_torch):
+    quality = bench["quality"]
+    assert len(quality.load_suite(None)) >= 8
+    kinds = {quality.KINDS[e.id] for e in quality.load_suite(None)}
+    assert {"language", "persona", "format", "refusal policy", "few-shot classification"} <= kinds
+    store = tmp_path / "store"
+    args = dict(model=str(tiny_model_dir), store_root=store, prompts=["french", "sentiment"],
+                setting_names=["joint", "kl_only"], overrides=TINY_OVERRIDES)
+    res = quality.run(**args)
+    assert set(res["prompts"]) == {"french", "sentiment"}
+    for r in res["prompts"].values():
+        assert set(r["settings"]) == {"joint", "kl_only"}
+        assert r["tokens_saved_per_request"] > 0
+        for s in r["settings"].values():
+            assert "kl" in s["ratios"] and s["train_seconds"] > 0
+    # Different losses give different adapters.
+    fr = res["prompts"]["french"]["settings"]
+    assert fr["joint"]["adapter_scores"]["kl"] != fr["kl_only"]["adapter_scores"]["kl"]
+    summary = res["summary"]["per_setting"]
+    assert set(summary) == {"joint", "kl_only"} and res["summary"]["best"] in {"joint", "kl_only", None}
+    adapters = sorted(store.rglob("adapter_model.safetensors"))
+    assert len(adapters) == 4
+    before = {p: p.stat().st_mtime_ns for p in adapters}
+    again = quality.run(**args)  # resumes: nothing is synthesized or trained again
+    assert {p: p.stat().st_mtime_ns for p in adapters} == before
+    assert again["prompts"]["french"]["settings"]["joint"]["ratios"] == fr["joint"]["ratios"]
+    md = quality.table(res)
+    assert "genpi joint (default)" in md and "| french | language |" in md
+
+
+def test_run_writes_results_and_readme_table_with_honest_gpu_rows(bench, tmp_path, monkeypatch):
+    """bench/run.py end to end on its cheapest real section (efficiency, shrunk to one short
+    bucket through the script's own flags), then the README block is replaced in place."""
+    run = bench["run"]
+    plan = run.sections(gpu=False)
+    assert "gpu" not in {arm for arms in plan.values() for arm, _ in arms}
+    monkeypatch.setattr(run, "sections", lambda gpu: {
+        "efficiency": [("cpu", ["efficiency.py", "--device", "cpu", "--buckets", "16", "--repeats", "1"])]})
+    out = tmp_path / "results"
+    assert run.main(["--out", str(out)]) == 0
+    machine = bench["common"].machine_name()
+    res = json.loads((out / f"{machine}.json").read_text())
+    eff = res["sections"]["efficiency"]["cpu"]
+    assert eff["status"] == "measured" and eff["result"]["buckets"][0]["bucket_prompt_tokens"] == 16
+    md = (out / f"{machine}.md").read_text()
+    assert "GPU: not measured (no GPU on this machine)" in md
+    assert "| training: adapters/hour | gpu | not measured (no GPU on this machine)" in md
+    assert "quality: not run" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run.README_BEGIN}\nold table\n{run.README_END}\nrest\n")
+    run.update_readme(md, readme)
+    text = readme.read_text()
+    assert "old table" not in text and md in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_genpi_bench_is_bench_run(capsys):
+    from genpi.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--only" in out and "--update-readme" in out
+    assert main(["bench", "--only", "nonsense"]) == 2
+    assert "unknown section" in capsys.readouterr().err
