@@ -131,17 +131,24 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
             adapters[s] = adir
             train_s[s] = store.read_json(f"{adir}/train_stats.json")["seconds"]
         t2 = time.time()
-        inputs = store.read_parquet(f"{pdir}/synth/inputs.parquet")
-        heldout = [r["input"] for r in inputs if r["split"] == "heldout"]
-        with tempfile.TemporaryDirectory(prefix="genpi-quality-eval-") as tmp:
-            local = {s: store.get_dir(a, f"{tmp}/{s}") for s, a in adapters.items()}
-            peft_model = PeftModel.from_pretrained(base, local[chosen[0]], adapter_name=chosen[0])
-            for s in chosen[1:]:
-                peft_model.load_adapter(local[s], adapter_name=s)
-            try:
-                evals = evaluate_many(peft_model, tok, entry, heldout, chosen, cfg)
-            finally:
-                peft_model.unload()
+        # Evaluations are kept too (keyed by the adapters and the eval settings): a rerun
+        # after an interruption only evaluates the prompts it has not done.
+        efile = f"{pdir}/quality/eval-{fingerprint({'adapters': adapters, 'eval': cfg.stage_dict('eval')})}.json"
+        if store.exists(efile):
+            evals = store.read_json(efile)
+        else:
+            inputs = store.read_parquet(f"{pdir}/synth/inputs.parquet")
+            heldout = [r["input"] for r in inputs if r["split"] == "heldout"]
+            with tempfile.TemporaryDirectory(prefix="genpi-quality-eval-") as tmp:
+                local = {s: store.get_dir(a, f"{tmp}/{s}") for s, a in adapters.items()}
+                peft_model = PeftModel.from_pretrained(base, local[chosen[0]], adapter_name=chosen[0])
+                for s in chosen[1:]:
+                    peft_model.load_adapter(local[s], adapter_name=s)
+                try:
+                    evals = evaluate_many(peft_model, tok, entry, heldout, chosen, cfg)
+                finally:
+                    peft_model.unload()
+            store.write_json(efile, evals)
         results[entry.id] = summarize_prompt(entry, evals, train_s, tok)
         results[entry.id]["seconds"] = {"synth": t_synth, "eval": time.time() - t2,
                                         "train": sum(train_s.values())}

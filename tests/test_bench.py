@@ -133,9 +133,11 @@ def test_quality_suite_end_to_end_on_a_tiny_model_and_resumes(bench, tiny_model_
     assert set(summary) == {"joint", "kl_only"} and res["summary"]["best"] in {"joint", "kl_only", None}
     adapters = sorted(store.rglob("adapter_model.safetensors"))
     assert len(adapters) == 4
-    before = {p: p.stat().st_mtime_ns for p in adapters}
-    again = quality.run(**args)  # resumes: nothing is synthesized or trained again
-    assert {p: p.stat().st_mtime_ns for p in adapters} == before
+    evals = sorted(store.rglob("quality/eval-*.json"))
+    assert len(evals) == 2
+    before = {p: p.stat().st_mtime_ns for p in adapters + evals}
+    again = quality.run(**args)  # resumes: nothing is synthesized, trained or evaluated again
+    assert {p: p.stat().st_mtime_ns for p in adapters + evals} == before
     assert again["prompts"]["french"]["settings"]["joint"]["ratios"] == fr["joint"]["ratios"]
     md = quality.table(res)
     assert "genpi joint (default)" in md and "| french | language |" in md
