@@ -118,7 +118,7 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
         for s in chosen:
             w = {k: v for k, v in all_settings[s].items() if k != "label"}
             tcfg = cfg.train.model_copy(update=w)
-            adir = f"{pdir}/quality/{fingerprint({'train': tcfg.model_dump(mode='json')})}/{s}"
+            adir = f"{pdir}/quality/{fingerprint({'train': cfg.model_copy(update={'train': tcfg}).stage_dict('train')})}/{s}"
             if not store.exists(f"{adir}/adapter_model.safetensors"):
                 t1 = time.time()
                 ts = build_examples(tok, synth, entry.prompt, tcfg)

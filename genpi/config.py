@@ -113,6 +113,10 @@ class TrainConfig(_Strict):
     pg_target: Literal["verbatim", "paraphrase", "off"] = "verbatim"
     # PG examples for long prompts are long; they are never truncated, only this long.
     pg_max_length: int = Field(default=4096, gt=0)
+    # Padded tokens per forward/backward: a batch larger than this (prompt-generation
+    # examples of a 2000-token prompt, long conversations) runs as micro-batches whose
+    # gradients add up to the whole batch's, so memory follows this number, not the batch.
+    max_batch_tokens: int = Field(default=4096, gt=0)
     # Packed multi-adapter training: up to this many adapters share one frozen base per pack.
     pack_size: int = Field(default=8, ge=1)
     # Stop an adapter early when its training loss has not improved for this many epochs
@@ -217,7 +221,13 @@ class GenpiConfig(_Strict):
         return _validate(data, source)
 
     def stage_dict(self, stage: str) -> dict[str, Any]:
-        return getattr(self, stage).model_dump(mode="json")
+        """A stage's settings as they enter fingerprints (those that only change how it runs are left out)."""
+        return getattr(self, stage).model_dump(mode="json", exclude=HOW_NOT_WHAT.get(stage))
+
+
+# Settings that change how a stage runs, never what it produces: left out of fingerprints,
+# so changing them does not redo finished work.
+HOW_NOT_WHAT = {"train": {"max_batch_tokens"}}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -369,3 +369,55 @@ def test_long_agent_prompt_is_internalized_without_truncation(tiny_overrides, tm
     assert pg and not ts.dropped.get("pg_too_long")
     target = tok.decode([t for t in pg[0].labels if t != -100])
     assert entry.prompt.strip()[-200:] in target and target.rstrip().endswith("<|im_end|>")
+
+
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sft", "pg"])
+def test_micro_batches_give_the_whole_batch_gradient(tiny_llama, kind):
+    """A batch over train.max_batch_tokens runs as micro-batches; the loss it reports and the
+    gradient it leaves are those of the whole batch at once (per-token means over the batch)."""
+    import random
+
+    from peft import get_peft_model
+
+    from genpi.config import TrainConfig
+    from genpi.train.data import EncodedExample
+    from genpi.train.loop import backward_batch, lora_config, micro_batches
+
+    rnd = random.Random(0)
+
+    def example(n_prompt, n_target):
+        ids = [rnd.randrange(2, 128) for _ in range(n_prompt + n_target)]
+        labels = [-100] * n_prompt + ids[n_prompt:]
+        mask = [False] * n_prompt + [True] * n_target
+        rows = [[t, *rnd.sample(range(2, 128), 4)] if m else [] for t, m in zip(ids, mask)]
+        lps = [[-0.4, -2.0, -2.5, -3.0, -3.5] if m else [] for m in mask]
+        kl = kind == "sft"
+        return EncodedExample(ids, labels, mask, rows if kl else None, lps if kl else None, n_target)
+
+    exs = [example(rnd.randint(5, 30), rnd.randint(3, 20)) for _ in range(6)]
+    model = get_peft_model(tiny_llama(), lora_config(TrainConfig(lora_r=4)))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make every LoRA-A gradient zero
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(max_tokens):
+        cfg = TrainConfig(max_batch_tokens=max_tokens, w_sft=0.5, w_pg=0.3, w_kl=1.0)
+        for p in params:
+            p.grad = None
+        loss, logs = backward_batch(model, kind, exs, 0, cfg, "cpu")
+        return float(loss), logs, [p.grad.clone() for p in params]
+
+    whole_loss, whole_logs, whole_grads = run(10_000)
+    assert len(micro_batches(exs, 60)) >= 3
+    split_loss, split_logs, split_grads = run(60)
+    assert split_logs["micro_batches"] >= 3 and "micro_batches" not in whole_logs
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for name in ("sft", "kl") if kind == "sft" else ("pg",):
+        assert split_logs[name] == pytest.approx(whole_logs[name], rel=1e-5)
+        assert split_logs[f"{name}_tokens"] == whole_logs[f"{name}_tokens"]
+    for a, b in zip(split_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # An example longer than the budget is never cut: it forms a micro-batch of its own.
+    assert [len(g) for g in micro_batches(exs, 10)] == [1] * len(exs)

@@ -103,7 +103,8 @@ def make_batches(ts: TrainingSet, batch_size: int, seed: int, epoch: int) -> lis
     return batches
 
 
-def batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+def batch_parts(model, kind: str, batch: dict, cfg: TrainConfig) -> dict:
+    """The loss parts {name: (sum[B], n[B])} of one batch (see genpi.train.losses)."""
     labels = batch["labels"]
     # Logits only from the first target position on: the vocabulary projection of the
     # prompt part is a large share of a small model's compute and is never used.
@@ -123,7 +124,67 @@ def batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> tuple[torch.T
             parts["kl"] = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
     else:
         parts["pg"] = token_ce(logits, labels[:, sl])
-    return joint_loss(parts, {"sft": cfg.w_sft, "pg": cfg.w_pg, "kl": cfg.w_kl})
+    return parts
+
+
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    return {"sft": cfg.w_sft, "pg": cfg.w_pg, "kl": cfg.w_kl}
+
+
+def batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    return joint_loss(batch_parts(model, kind, batch, cfg), loss_weights(cfg))
+
+
+def micro_batches(exs: list[EncodedExample], max_tokens: int) -> list[list[EncodedExample]]:
+    """Consecutive groups whose padded size (count x longest) stays within `max_tokens`;
+    an example longer than that is a group of its own (examples are never cut)."""
+    groups: list[list[EncodedExample]] = []
+    cur: list[EncodedExample] = []
+    for ex in exs:
+        if cur and (len(cur) + 1) * max(len(ex), max(len(e) for e in cur)) > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(ex)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def backward_batch(model, kind: str, exs: list[EncodedExample], pad: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one batch, in micro-batches of at most `train.max_batch_tokens`
+    padded tokens. Each part's per-token mean is taken over the whole batch (a micro-batch
+    contributes sum / n_batch), so the gradient is the whole batch's, whatever the split."""
+    groups = micro_batches(exs, cfg.max_batch_tokens)
+    if len(groups) == 1:
+        batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
+        loss, logs = batch_loss(model, kind, batch, cfg)
+        loss.backward()
+        return loss.detach(), logs
+    weights = loss_weights(cfg)
+    batches = [collate(g, pad) for g in groups]
+    # Target tokens of each part in the whole batch, counted as the losses count them.
+    n_total = {"sft" if kind == "sft" else "pg": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
+    if kind == "sft" and cfg.w_kl > 0 and "kl_ids" in batches[0]:
+        n_total["kl"] = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches)
+    sums = dict.fromkeys(n_total, 0.0)
+    for b in batches:
+        parts = batch_parts(model, kind, {k: v.to(device) for k, v in b.items()}, cfg)
+        loss = sum((weights[name] * s.sum() / n_total[name] for name, (s, _) in parts.items()
+                    if n_total[name] > 0 and weights[name] != 0.0), torch.zeros((), device=device))
+        if loss.requires_grad:
+            loss.backward()
+        for name, (s, _) in parts.items():
+            sums[name] += float(s.detach().sum())
+    logs: dict[str, float] = {}
+    total = 0.0
+    for name, n in n_total.items():
+        logs[f"{name}_tokens"] = float(n)
+        if n:
+            logs[name] = sums[name] / n
+            total += weights[name] * logs[name]
+    logs["loss"] = total
+    logs["micro_batches"] = len(groups)
+    return torch.tensor(total), logs
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -172,15 +233,13 @@ def train_adapter(
     try:
         for epoch in range(cfg.epochs):
             for kind, exs in make_batches(ts, cfg.batch_size, cfg.seed, epoch):
-                batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, cfg)
-                loss, logs = batch_loss(model, kind, batch, cfg)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, logs = backward_batch(model, kind, exs, pad, cfg, device)
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
-                n_tokens += int(batch["attention_mask"].sum())
+                n_tokens += sum(len(e) for e in exs)
                 logs.update(step=step, epoch=epoch, kind=kind, loss=float(loss.detach()), grad_norm=float(gnorm))
                 history.append(logs)
                 step += 1
