@@ -137,7 +137,6 @@ def markdown(res: dict) -> str:
                  "the model without the prompt; leak: share of the prompt recited under extraction probes)")
     lines.append("")
     if q and q["status"] == "measured":
-        sys.path.insert(0, str(BENCH))
         from quality import table as quality_table  # noqa: PLC0415
 
         r = q["result"]

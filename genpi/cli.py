@@ -225,11 +225,13 @@ def cmd_bench(argv: list[str]) -> int:
         print(f"genpi bench: error: {script} not found; the benchmarks run from a source checkout "
               "(pip install -e .)", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *argv]
+    saved, sys.argv = sys.argv, [str(script), *argv]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
     return 0
 
 

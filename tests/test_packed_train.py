@@ -118,3 +118,19 @@ def test_early_stopping_per_adapter():
             _end_epoch(prog, i, cfg)
     assert prog.done == [True, False] and prog.stop_reason[0].startswith("early_stop")
     assert prog.epoch_losses[0] == [3.0, 2.0, 2.5, 2.1]
+
+
+def test_token_budget_chunks_leave_the_packed_training_unchanged(tiny_llama, members, single_thread_torch):
+    """With train.max_batch_tokens small enough that every step runs as several chunks (some
+    without teacher rows), the pack trains to the same adapters as in one forward per step."""
+    from genpi.train.loop import micro_batches
+
+    small = CFG.model_copy(update={"max_batch_tokens": 24})
+    samples = [(0, k, ex) for k, ex in members[2].ts.examples]
+    assert len(micro_batches(samples, 24, length=lambda s: len(s[2]))) > 3
+    whole, _ = _train(tiny_llama, members)
+    split, _ = _train(tiny_llama, members, small)
+    for i in range(len(members)):
+        got, want = split.adapter_state(i), whole.adapter_state(i)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-6)

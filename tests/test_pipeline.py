@@ -421,3 +421,34 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_llama, kind):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # An example longer than the budget is never cut: it forms a micro-batch of its own.
     assert [len(g) for g in micro_batches(exs, 10)] == [1] * len(exs)
+
+
+def test_micro_batches_count_kl_only_where_teacher_rows_are(tiny_llama):
+    """A micro-batch without any teacher top-k rows has no KL part; the whole batch's KL mean
+    is still taken over the rows that exist (no KeyError, same value as unsplit)."""
+    import random
+
+    from peft import get_peft_model
+
+    from genpi.config import TrainConfig
+    from genpi.train.data import EncodedExample
+    from genpi.train.loop import backward_batch, lora_config
+
+    rnd = random.Random(1)
+
+    def example(with_kl):
+        ids = [rnd.randrange(2, 128) for _ in range(20)]
+        mask = [False] * 10 + [with_kl] * 10
+        rows = [[t, *rnd.sample(range(2, 128), 3)] if m else [] for t, m in zip(ids, mask)]
+        lps = [[-0.5, -2.0, -2.5, -3.0] if m else [] for m in mask]
+        return EncodedExample(ids, [-100] * 10 + ids[10:], mask, rows if with_kl else None,
+                              lps if with_kl else None, 10)
+
+    exs = [example(False), example(False), example(True), example(True)]  # first chunk has no KL
+    model = get_peft_model(tiny_llama(), lora_config(TrainConfig(lora_r=4)))
+    whole = backward_batch(model, "sft", exs, 0, TrainConfig(max_batch_tokens=1000), "cpu")[1]
+    split = backward_batch(model, "sft", exs, 0, TrainConfig(max_batch_tokens=40), "cpu")[1]
+    assert split["micro_batches"] == 2
+    assert split["kl_tokens"] == whole["kl_tokens"] == 20  # positions 10..19 of the two KL examples
+    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-5)
+    assert split["sft"] == pytest.approx(whole["sft"], rel=1e-5)

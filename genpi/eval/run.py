@@ -57,6 +57,8 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
     The teacher and base replies, their log-probabilities and the prompted latency do not
     depend on the adapter, so they are computed once; each adapter's result is what
     `evaluate` would give it alone."""
+    if not adapter_names or len(set(adapter_names)) != len(adapter_names):
+        raise ValueError(f"evaluate_many needs distinct adapter names, got {adapter_names!r}")
     ec = cfg.eval
     engine = HFEngine(peft_model, tok, cfg.engine.batch_size)
     reqs = []

@@ -14,7 +14,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -135,16 +135,20 @@ def batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> tuple[torch.T
     return joint_loss(batch_parts(model, kind, batch, cfg), loss_weights(cfg))
 
 
-def micro_batches(exs: list[EncodedExample], max_tokens: int) -> list[list[EncodedExample]]:
+def micro_batches(items: list, max_tokens: int, length: Callable[[Any], int] = len) -> list[list]:
     """Consecutive groups whose padded size (count x longest) stays within `max_tokens`;
-    an example longer than that is a group of its own (examples are never cut)."""
-    groups: list[list[EncodedExample]] = []
-    cur: list[EncodedExample] = []
-    for ex in exs:
-        if cur and (len(cur) + 1) * max(len(ex), max(len(e) for e in cur)) > max_tokens:
+    an item longer than that is a group of its own (examples are never cut). Used by the
+    one-adapter loop and the packed loop alike (`length` reads an item's token count)."""
+    groups: list[list] = []
+    cur: list = []
+    longest = 0
+    for item in items:
+        n = length(item)
+        if cur and (len(cur) + 1) * max(n, longest) > max_tokens:
             groups.append(cur)
-            cur = []
-        cur.append(ex)
+            cur, longest = [], 0
+        cur.append(item)
+        longest = max(longest, n)
     if cur:
         groups.append(cur)
     return groups
@@ -163,9 +167,10 @@ def backward_batch(model, kind: str, exs: list[EncodedExample], pad: int, cfg: T
     weights = loss_weights(cfg)
     batches = [collate(g, pad) for g in groups]
     # Target tokens of each part in the whole batch, counted as the losses count them.
+    # (A micro-batch without teacher rows has no "kl_ids": count KL over those that have them.)
     n_total = {"sft" if kind == "sft" else "pg": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
-    if kind == "sft" and cfg.w_kl > 0 and "kl_ids" in batches[0]:
-        n_total["kl"] = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches)
+    if kind == "sft" and cfg.w_kl > 0 and any("kl_ids" in b for b in batches):
+        n_total["kl"] = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches if "kl_ids" in b)
     sums = dict.fromkeys(n_total, 0.0)
     for b in batches:
         parts = batch_parts(model, kind, {k: v.to(device) for k, v in b.items()}, cfg)

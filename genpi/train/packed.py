@@ -26,7 +26,7 @@ from torch import Tensor
 
 from genpi.config import TrainConfig
 from genpi.train.data import EncodedExample, collate
-from genpi.train.loop import TrainingSet, lr_at, make_batches
+from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
 from genpi.train.losses import IGNORE_INDEX, token_ce, topk_kl
 
 
@@ -203,11 +203,16 @@ def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: 
     local = samples[rank::world]
     sums = torch.zeros(k, 3)
     backward = backward or (lambda loss, last: loss.backward())
-    mb = micro_batch or max(1, len(local))
+    # Forward/backward in chunks: `micro_batch` sequences when given, else as many as fit in
+    # train.max_batch_tokens padded tokens (the same rule as the one-adapter loop). `scale`
+    # holds the whole step's token counts, so the split never changes the gradient.
+    if micro_batch:
+        chunks = [local[i:i + micro_batch] for i in range(0, len(local), micro_batch)]
+    else:
+        chunks = micro_batches(local, cfg.max_batch_tokens, length=lambda s: len(s[2]))
     if not local:  # keep every rank's collective hooks in step: a zero loss that touches the params
         backward(sum(p.sum() for p in pack.parameters()) * 0.0, True)
-    for i in range(0, len(local), mb):
-        chunk = local[i:i + mb]
+    for c, chunk in enumerate(chunks):
         batch = {n: t.to(device) for n, t in collate([ex for _, _, ex in chunk], pad_id).items()}
         slots = torch.tensor([s for s, _, _ in chunk], device=device)
         is_sft = torch.tensor([kind == "sft" for _, kind, _ in chunk], device=device)
@@ -227,7 +232,7 @@ def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: 
             kl_sum, _ = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
             loss = loss + (kl_sum * sc[slots, 2]).sum()
             sums.index_put_((slots.cpu(), torch.full_like(slots.cpu(), 2)), kl_sum.detach().cpu(), accumulate=True)
-        backward(loss, i + mb >= len(local))
+        backward(loss, c == len(chunks) - 1)
     return torch.stack([_all_reduce(sums, world), counts])
 
 
