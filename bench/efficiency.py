@@ -35,7 +35,7 @@ def run(model_name: str = "embedded", device: str = "cpu", buckets=BUCKETS, repe
     from genpi.engines.hf import HFEngine
     from genpi.eval.efficiency import compare
     from genpi.manifest import load_manifest
-    from genpi.synth.replies import student_messages, teacher_messages
+    from genpi.chat import student_messages, teacher_messages
     from genpi.train.loop import lora_config
 
     if model is None:

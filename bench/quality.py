@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, RESULTS, environment  # noqa: E402
+from genpi.eval.fmt import fmt  # noqa: E402
 
 SUITE = [REPO / "examples" / "prompts", REPO / "bench" / "quality" / "suite.yaml"]
 KINDS = {"french": "language", "spanish": "language", "pirate": "persona", "refusal": "refusal policy",
@@ -87,19 +88,20 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
 
     from genpi.config import load_config
     from genpi.engines.hf import HFEngine
+    from genpi.eval.result import EvalResult
     from genpi.eval.run import evaluate_many
-    from genpi.internalize import tokenizer_identity
+    from genpi.pipeline.plan import tokenizer_identity
     from genpi.models import load_model, resolve_model
     from genpi.store import Store, fingerprint
-    from genpi.synth.pipeline import load_synth, synthesize
-    from genpi.train.loop import build_examples, train_adapter
+    from genpi.synth.pipeline import synthesize
+    from genpi.train.jobs import TrainJob, train_local
 
     all_settings = settings()
     chosen = setting_names or list(all_settings)
     cfg = load_config(None, [f"model.name={model}", *([] if full else SUITE_OVERRIDES), *(overrides or [])])
     store = Store(store_root or REPO / ".cache" / "bench" / "quality-store")
     entries = load_suite(prompts)
-    base, tok, _ = load_model(cfg.model)
+    base, tok, resolved = load_model(cfg.model)
     identity = resolve_model(cfg.model).identity
     engine = HFEngine(base, tok, cfg.engine.batch_size)
     results: dict[str, dict] = {}
@@ -112,30 +114,27 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
                           "synth": cfg.stage_dict("synth")})
         pdir = store.prompt_dir(entry.id, fp)
         synthesize(engine, entry, cfg, store, pdir)  # resumes per file
-        synth = load_synth(store, pdir)
         t_synth = time.time() - t0
         adapters, train_s = {}, {}
         for s in chosen:
             w = {k: v for k, v in all_settings[s].items() if k != "label"}
             tcfg = cfg.train.model_copy(update=w)
-            adir = f"{pdir}/quality/{fingerprint({'train': cfg.model_copy(update={'train': tcfg}).stage_dict('train')})}/{s}"
-            if not store.exists(f"{adir}/adapter_model.safetensors"):
-                t1 = time.time()
-                ts = build_examples(tok, synth, entry.prompt, tcfg)
-                with tempfile.TemporaryDirectory(prefix="genpi-quality-") as tmp:
-                    stats = train_adapter(base, tok, ts, tcfg, tmp)
-                    Path(tmp, "train_stats.json").write_text(json.dumps(
-                        {"seconds": time.time() - t1, "steps": stats.get("steps"),
-                         "examples": dict(stats["examples"])}))
-                    store.put_dir(tmp, adir)
-            adapters[s] = adir
-            train_s[s] = store.read_json(f"{adir}/train_stats.json")["seconds"]
+            scfg = cfg.model_copy(update={"train": tcfg})
+            # Each setting's adapter/ and train.json in a folder of its own, all trained from
+            # this prompt's one synthesis (data_dir); train_local skips what is already there.
+            tdir = f"{pdir}/quality/{fingerprint({'train': scfg.stage_dict('train')})}/{s}"
+            [out] = train_local(scfg, store, [TrainJob(entry.id, tdir, entry.prompt, data_dir=pdir)],
+                                base, tok, resolved.path)
+            if out.status == "failed":
+                raise RuntimeError(f"{entry.id}, setting {s}: training failed: {out.error}")
+            adapters[s] = f"{tdir}/adapter"
+            train_s[s] = store.read_json(f"{tdir}/train.json")["pack_seconds"]
         t2 = time.time()
         # Evaluations are kept too (keyed by the adapters and the eval settings): a rerun
         # after an interruption only evaluates the prompts it has not done.
         efile = f"{pdir}/quality/eval-{fingerprint({'adapters': adapters, 'eval': cfg.stage_dict('eval')})}.json"
         if store.exists(efile):
-            evals = store.read_json(efile)
+            evals = {s: EvalResult.model_validate(e) for s, e in store.read_json(efile).items()}
         else:
             inputs = store.read_parquet(f"{pdir}/synth/inputs.parquet")
             heldout = [r["input"] for r in inputs if r["split"] == "heldout"]
@@ -148,7 +147,7 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
                     evals = evaluate_many(peft_model, tok, entry, heldout, chosen, cfg)
                 finally:
                     peft_model.unload()
-            store.write_json(efile, evals)
+            store.write_json(efile, {s: e.to_json() for s, e in evals.items()})
         results[entry.id] = summarize_prompt(entry, evals, train_s, tok)
         results[entry.id]["seconds"] = {"synth": t_synth, "eval": time.time() - t2,
                                         "train": sum(train_s.values())}
@@ -159,23 +158,29 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
             "summary": summarize(results, {s: all_settings[s] for s in chosen})}
 
 
-def summarize_prompt(entry, evals: dict[str, dict], train_s: dict[str, float], tok) -> dict:
+def summarize_prompt(entry, evals: dict, train_s: dict[str, float], tok) -> dict:
+    """One prompt's figures from its settings' EvalResults: KL and agreement under "ratios" and
+    "*_scores", the declared checks under "checks" (teacher and base once, adapter per setting)."""
     first = next(iter(evals.values()))
+    metrics = {"kl": first.metrics.kl, "agreement": first.metrics.agreement}
     out = {"kind": KINDS.get(entry.id, "other"),
            "prompt_tokens": len(tok(entry.prompt, add_special_tokens=False)["input_ids"]),
-           "n_heldout": first["n_heldout"],
-           "tokens_saved_per_request": first["efficiency"]["input_tokens_saved_per_request"],
-           "tokens_saved_share": first["efficiency"]["input_tokens_saved_share"],
-           "teacher_scores": {m: v.get("teacher") for m, v in first["metrics"].items()},
-           "base_scores": {m: v.get("base") for m, v in first["metrics"].items()},
-           "leak_teacher": first["leak"].get("teacher"), "settings": {}}
+           "n_heldout": first.n_heldout,
+           "tokens_saved_per_request": first.efficiency.input_tokens_saved_per_request,
+           "tokens_saved_share": first.efficiency.input_tokens_saved_share,
+           "teacher_scores": {m: v.teacher for m, v in metrics.items()},
+           "base_scores": {m: v.base for m, v in metrics.items()},
+           "checks": {c: {"teacher": v.teacher, "base": v.base} for c, v in first.checks.items()},
+           "leak_teacher": first.leak.teacher if first.leak else None, "settings": {}}
     for s, ev in evals.items():
+        metrics = {"kl": ev.metrics.kl, "agreement": ev.metrics.agreement}
         out["settings"][s] = {
-            "ratios": {m: v["ratio"] for m, v in ev["metrics"].items()},
-            "adapter_scores": {m: v["adapter"] for m, v in ev["metrics"].items()},
-            "leak": ev["leak"].get("adapter"),
+            "ratios": {m: v.ratio for m, v in metrics.items()},
+            "adapter_scores": {m: v.adapter for m, v in metrics.items()},
+            "checks": {c: {"adapter": v.adapter, "ratio": v.ratio} for c, v in ev.checks.items()},
+            "leak": ev.leak.adapter if ev.leak else None,
             "train_seconds": train_s[s],
-            "sample": ev["samples"][0] if ev["samples"] else None,
+            "sample": ev.samples[0].model_dump() if ev.samples else None,
         }
     return out
 
@@ -191,7 +196,7 @@ def summarize(results: dict[str, dict], chosen: dict[str, dict]) -> dict:
     per = {}
     for s in chosen:
         rows = [r["settings"][s] for r in results.values() if s in r["settings"]]
-        checks = [v for r in rows for m, v in r["ratios"].items() if m.startswith("check:")]
+        checks = [c["ratio"] for r in rows for c in r["checks"].values()]
         per[s] = {"label": chosen[s]["label"], "kl_ratio": _mean([r["ratios"].get("kl") for r in rows]),
                   "agreement_ratio": _mean([r["ratios"].get("agreement") for r in rows]),
                   "check_ratio": _mean(checks), "n_check_ratios": len([c for c in checks if c is not None]),
@@ -208,8 +213,16 @@ def _best(settings_: dict[str, dict], metric: str) -> str | None:
     return max(scored)[1] if scored else None
 
 
-def _f(x, spec=".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
+def _check_scores(r: dict, sets: list[str]) -> dict[str, list]:
+    """{check name: [teacher, base, adapter of each setting]} of one prompt's figures."""
+    if "checks" in r:
+        return {c: [v["teacher"], v["base"], *(r["settings"][s]["checks"].get(c, {}).get("adapter") for s in sets)]
+                for c, v in r["checks"].items()}
+    # Results written before genpi's typed eval record (bench/results/*.json, kept by
+    # bench/run.py --merge) list each check among the metrics as "check:NAME".
+    old = [m for m in r["teacher_scores"] if m.startswith("check:")]
+    return {m[len("check:"):]: [r["teacher_scores"][m], r["base_scores"][m],
+                                *(r["settings"][s]["adapter_scores"].get(m) for s in sets)] for m in old}
 
 
 def table(res: dict) -> str:
@@ -220,23 +233,18 @@ def table(res: dict) -> str:
              "|---|---|---|---|---|---|"]
     for s in sets:
         p = per[s]
-        lines.append(f"| {p['label']} | {_f(p['kl_ratio'])} | {_f(p['agreement_ratio'])} | "
-                     f"{_f(p['check_ratio'])} ({p['n_check_ratios']}) | {_f(p['leak'])} | "
+        lines.append(f"| {p['label']} | {fmt(p['kl_ratio'])} | {fmt(p['agreement_ratio'])} | "
+                     f"{fmt(p['check_ratio'])} ({p['n_check_ratios']}) | {fmt(p['leak'])} | "
                      f"{p['wins_kl']}/{len(res['prompts'])} prompts |")
     lines += ["", "| prompt | kind | prompt tokens | tokens saved | "
               + " | ".join(f"KL ratio {s}" for s in sets) + " | checks (teacher / base / "
               + " / ".join(sets) + ") | leak (teacher / " + " / ".join(sets) + ") |",
               "|" + "---|" * (6 + len(sets))]
     for pid, r in res["prompts"].items():
-        kl = " | ".join(_f(r["settings"][s]["ratios"].get("kl")) for s in sets)
-        checks = []
-        for m in r["teacher_scores"]:
-            if m.startswith("check:"):
-                vals = [_f(r["teacher_scores"][m]), _f(r["base_scores"][m])]
-                vals += [_f(r["settings"][s]["adapter_scores"].get(m)) for s in sets]
-                checks.append(f"{m[6:]} {' / '.join(vals)}")
-        leak = " / ".join([_f(r["leak_teacher"])] + [_f(r["settings"][s]["leak"]) for s in sets])
-        lines.append(f"| {pid} | {r['kind']} | {r['prompt_tokens']} | {_f(r['tokens_saved_share'], '.0%')} | "
+        kl = " | ".join(fmt(r["settings"][s]["ratios"].get("kl")) for s in sets)
+        checks = [f"{c} {' / '.join(fmt(v) for v in vals)}" for c, vals in _check_scores(r, sets).items()]
+        leak = " / ".join([fmt(r["leak_teacher"])] + [fmt(r["settings"][s]["leak"]) for s in sets])
+        lines.append(f"| {pid} | {r['kind']} | {r['prompt_tokens']} | {fmt(r['tokens_saved_share'], pct=True)} | "
                      f"{kl} | {'; '.join(checks) or '-'} | {leak} |")
     return "\n".join(lines)
 

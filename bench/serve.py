@@ -126,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from genpi.chat import student_messages, teacher_messages
     from genpi.cli import main as genpi
     from genpi.config import load_config
     from genpi.manifest import load_manifest
     from genpi.models import load_tokenizer
     from genpi.serve.app import start
-    from genpi.serve.backend import base_model_name
+    from genpi.serve.config import base_model_name
 
     entries = {k: load_manifest(p)[0] for k, p in PROMPTS.items()}
     if args.train:
@@ -159,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind, entry in entries.items():
                 prompt_tokens = len(tok(entry.prompt, add_special_tokens=False)["input_ids"])
                 arms = {
-                    "prompted_base": lambda q: {"model": base, "messages": [{"role": "system", "content": entry.prompt},
-                                                                            {"role": "user", "content": q}]},
-                    "adapter_no_prompt": lambda q: {"model": entry.id, "messages": [{"role": "user", "content": q}]},
+                    "prompted_base": lambda q: {"model": base, "messages": teacher_messages(entry.prompt, q)},
+                    "adapter_no_prompt": lambda q: {"model": entry.id, "messages": student_messages(q)},
                 }
                 rows: dict[str, list[dict]] = {a: [] for a in arms}
                 for q in QUESTIONS:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genpi.config import TrainConfig  # noqa: E402
 from genpi.train.data import EncodedExample  # noqa: E402
-from genpi.train.loop import TrainingSet, batch_loss, lora_config  # noqa: E402
+from genpi.train.loop import TrainingSet, lora_config  # noqa: E402
+from genpi.train.losses import joint_loss, token_ce, topk_kl  # noqa: E402
 from genpi.train.packed import PackedAdamW, PackMember, member_batches, train_pack  # noqa: E402
 
 
@@ -48,8 +49,28 @@ def synthetic_set(seed: int, vocab: int, n_sft: int, n_pg: int, prompt_len: int,
     return ts
 
 
+def peft_batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> torch.Tensor:
+    """The joint loss of one batch under a plain PEFT model, as genpi's one-adapter loop
+    computed it before every adapter trained as a pack (logits from the first target on)."""
+    labels = batch["labels"]
+    targets = (labels != -100).nonzero()
+    start = max(0, int(targets[:, 1].min()) - 1) if len(targets) else 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=torch.arange(start, labels.shape[1], device=labels.device)).logits
+    ce, n_ce = token_ce(logits, labels[:, start:])
+    zero = torch.zeros((), device=logits.device)
+    kl, n_kl = zero, zero.long()
+    if kind == "sft" and "kl_ids" in batch and cfg.w_kl > 0:
+        kl_sum, n = topk_kl(logits, batch["kl_ids"][:, start:], batch["kl_logprobs"][:, start:], batch["kl_mask"][:, start:])
+        kl, n_kl = kl_sum.sum(), n.sum()
+    part = [ce.sum(), zero, kl] if kind == "sft" else [zero, ce.sum(), zero]
+    n_part = [n_ce.sum(), zero.long(), n_kl] if kind == "sft" else [zero.long(), n_ce.sum(), zero.long()]
+    loss, _ = joint_loss(torch.stack(part)[None], torch.stack(n_part)[None], (cfg.w_sft, cfg.w_pg, cfg.w_kl))
+    return loss[0]
+
+
 def run_peft_one_by_one(model, members, cfg: TrainConfig, pad: int, device) -> tuple[float, int]:
-    """The reference: plain PEFT, one adapter at a time (train_adapter's loop, timed alone)."""
+    """The reference: plain PEFT, one adapter at a time (torch AdamW, clip_grad_norm_), timed alone."""
     from peft import get_peft_model
 
     from genpi.train.data import collate
@@ -62,7 +83,7 @@ def run_peft_one_by_one(model, members, cfg: TrainConfig, pad: int, device) -> t
         peft_model.train()
         for _, kind, exs in member_batches(m.ts, cfg):
             batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
-            loss, _ = batch_loss(peft_model, kind, batch, cfg)
+            loss = peft_batch_loss(peft_model, kind, batch, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

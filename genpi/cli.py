@@ -5,31 +5,50 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 
 def _common(p: argparse.ArgumentParser, overrides: bool = True) -> None:
-    p.add_argument("--store", help="artifact store: a folder or an fsspec URI (default: config 'store')")
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--store", help="artifact store: a folder or an fsspec URI such as s3://bucket/genpi "
+                                   "(default: the config's 'store', ./genpi-store)")
+    p.add_argument("--config", help="YAML config file (sections model, engine, synth, train, eval, cluster, serve)")
     if overrides:
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="config overrides, e.g. train.epochs=2 model.revision=0123abc")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs, and tracebacks for bad input")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genpi")
+    except PackageNotFoundError:  # a source checkout on sys.path without an install
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="genpi", description="Internalize system prompts into LoRA adapters.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("internalize", help="synthesize, train, evaluate and publish the prompts of a manifest")
+    ap = argparse.ArgumentParser(
+        prog="genpi", description="Internalize system prompts into LoRA adapters.",
+        epilog="Exit status: 0 success; 1 some prompts failed (internalize); 2 bad input (config, manifest, "
+               "model or store), nothing started. Hundreds of prompts on a Ray cluster: jobs/internalize_many.py.")
+    ap.add_argument("--version", action="version", version=f"genpi {_version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "internalize", help="single machine, no Ray: synthesize, train, evaluate and publish a manifest's prompts",
+        description="The single-machine path: every stage in this process, no Ray. The same pipeline runs as a "
+                    "Ray job for many prompts on a cluster: `python jobs/internalize_many.py --manifest ...` "
+                    "(or `ray job submit -- python jobs/internalize_many.py ...`).")
     p.add_argument("manifest", help="prompt file (YAML/JSONL) or a folder of them")
     p.add_argument("--force", action="store_true", help="redo prompts that are already published")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its token budget, run nothing")
     _common(p)
-    p = sub.add_parser("eval", help="re-evaluate a published adapter")
-    p.add_argument("prompt_id")
+    p = sub.add_parser("eval", help="re-evaluate a published adapter (e.g. after changing eval settings)")
+    p.add_argument("prompt_id", help="the prompt id the adapter is published under")
     _common(p)
     p = sub.add_parser("chat", help="reply from the adapter, without the prompt")
-    p.add_argument("prompt_id")
-    p.add_argument("message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("prompt_id", help="the prompt id the adapter is published under")
+    p.add_argument("message", help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
     _common(p)
     p = sub.add_parser("inspect", help="what is published, with its metrics")
     _common(p, overrides=False)
@@ -40,11 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-lora", action="store_true",
                    help="copy published adapters to the <uri>/<id>/ layout Ray Serve LLM (serve.backend=vllm) loads")
     _common(p)
-    p = sub.add_parser("k8s", help="regenerate the KubeRay manifests in k8s/ from cluster/configs/ (or check them)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--check", action="store_true", help="exit 1 when k8s/ is stale")
-    g.add_argument("--render", metavar="DIR", help="print the kustomize output of DIR, e.g. k8s/overlays/gpu-prod")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("k8s", help="KubeRay manifests: regenerate k8s/, check it, or render them into a folder",
+                       add_help=False)
     sub.add_parser("bench", add_help=False,
                    help="run the benchmarks of a source checkout (bench/run.py; its options follow, see --help)")
     return ap
@@ -74,39 +90,20 @@ def _config(args):
 
     cfg = load_config(args.config, getattr(args, "overrides", None))
     if args.store:
-        cfg = cfg.with_overrides({"store": args.store})
+        cfg = cfg.with_overrides({"store": args.store}, "--store")
     return cfg
 
 
-def _open_store(uri: str):
-    from genpi.config import ConfigError
-    from genpi.store import Store
+def _open_store(uri: str, create: bool = False):
+    from genpi.store import open_store
 
-    try:
-        return Store(uri)
-    except (ImportError, ValueError, OSError) as e:
-        # An unknown protocol, a missing fsspec backend (s3fs) or an unwritable folder.
-        raise ConfigError(f"store: cannot open '{uri}': {e}") from None
+    return open_store(uri, create=create)
 
 
 def cmd_internalize(args) -> int:
-    from genpi.internalize import Internalizer, check_lengths, plan
-    from genpi.manifest import load_manifest
-    from genpi.eval.report import print_plan, write_run_report
+    from genpi.pipeline.run import internalize
 
-    cfg = _config(args)
-    entries = load_manifest(args.manifest, validate_overrides=lambda o: cfg.with_overrides(o))
-    store = _open_store(cfg.store)
-    t0 = time.time()
-    runner = Internalizer(cfg, store)
-    check_lengths(entries, runner.tok, runner.context(), cfg)
-    plans = plan(entries, cfg, store, runner.resolved.identity, runner.tok)
-    print_plan(plans)
-    results = runner.run(plans, force=args.force)
-    run_dir, text = write_run_report(store, plans, results, time.time() - t0)
-    print(text)
-    print(f"report: {run_dir}/report.md")
-    return 0 if all(r.status != "failed" for r in results) else 1
+    return internalize(args.manifest, _config(args), "local", dry_run=args.dry_run, force=args.force)
 
 
 def _published(store, prompt_id: str):
@@ -129,17 +126,23 @@ def _spec_config(store, pdir, args):
 
 
 def cmd_eval(args) -> int:
-    from genpi.internalize import Internalizer, PromptPlan
     from genpi.eval.report import format_eval
+    from genpi.pipeline.local import LocalRunner
+    from genpi.pipeline.plan import model_facts
+    from genpi.pipeline.records import PromptPlan
+    from genpi.pipeline.stages import publish
 
     store = _open_store(_config(args).store)
     fp = _published(store, args.prompt_id)
     pdir = store.prompt_dir(args.prompt_id, fp)
     entry, cfg = _spec_config(store, pdir, args)
-    runner = Internalizer(cfg, store)
-    result = runner.reevaluate(PromptPlan(entry, cfg, fp, "unchanged"), pdir)
-    # Keep the registry's summary in step with the new eval.json.
-    store.publish(args.prompt_id, fp, {"kl_ratio": result["metrics"]["kl"]["ratio"]})
+    store.check_writable()
+    p = PromptPlan(entry, cfg, fp, "unchanged")
+    [(_, result, error, _)] = LocalRunner(cfg, model_facts(cfg)).evaluate([p], store, force=True)
+    if error:
+        print(f"genpi eval: {args.prompt_id}: evaluation failed: {error}", file=sys.stderr)
+        return 1
+    publish(store, p, result)  # the registry's summary follows the new eval.json
     print(format_eval(result))
     return 0
 
@@ -176,13 +179,14 @@ def cmd_inspect(args) -> int:
 def cmd_serve(args) -> int:
     cfg = _config(args)
     if args.print_config:
-        from genpi.serve.deploy import serve_config_yaml
+        from genpi.serve.config import serve_config_yaml
 
         print(serve_config_yaml(cfg), end="")
         return 0
     store = _open_store(cfg.store)
     if args.export_lora:
-        from genpi.serve.llm import export_lora_layout, lora_export_uri
+        from genpi.serve.adapters import export_lora_layout
+        from genpi.serve.config import lora_export_uri
 
         done = export_lora_layout(cfg)
         print(f"exported {len(done)} adapter(s) to {lora_export_uri(cfg)}: {', '.join(done) or 'all up to date'}")
@@ -209,21 +213,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_k8s(args) -> int:
+def cmd_k8s(argv: list[str]) -> int:
     from genpi.k8s import main as k8s_main
 
-    return k8s_main(["--check"] if args.check else ["--render", args.render] if args.render else [])
+    return k8s_main(argv)
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """`genpi bench ...` is `python bench/run.py ...`: the benchmarks live in the source tree."""
+    """`genpi bench ...` is `python bench/run.py ...` of the source checkout in the current folder:
+    the benchmarks are not part of the installed package."""
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    script = Path.cwd() / "bench" / "run.py"
     if not script.is_file():
-        print(f"genpi bench: error: {script} not found; the benchmarks run from a source checkout "
-              "(pip install -e .)", file=sys.stderr)
+        print(f"genpi bench: error: {script} not found; run it from a genpi source checkout "
+              "(the benchmarks are not installed with the package)", file=sys.stderr)
         return 2
     saved, sys.argv = sys.argv, [str(script), *argv]
     try:
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options belong to bench/run.py, not to this parser
         return cmd_bench(argv[1:])
+    if argv[:1] == ["k8s"]:  # its options (and --help) belong to genpi.k8s
+        return cmd_k8s(argv[1:])
     ap = build_parser()
     # argparse fills the positional `overrides` only in the first run of positionals, so
     # `internalize m.yaml --store s train.epochs=3` would reject the override: take the
@@ -249,14 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
-    from genpi.config import ConfigError
-    from genpi.manifest import ManifestError
-    from genpi.models import ModelError
+    from genpi.errors import INPUT_ERRORS
 
+    commands = {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect,
+                "serve": cmd_serve}
     try:
-        return {"internalize": cmd_internalize, "eval": cmd_eval, "chat": cmd_chat, "inspect": cmd_inspect,
-                "serve": cmd_serve, "k8s": cmd_k8s}[args.cmd](args)
-    except (ConfigError, ManifestError, ModelError, LookupError, FileNotFoundError) as e:
+        return commands[args.cmd](args)
+    except INPUT_ERRORS as e:
         # Input problems get a message, not a traceback (use -v for one).
         if args.verbose:
             raise

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from genpi.yamlio import YamlLoader, plain, typed
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names where it came from and the field."""
@@ -213,12 +215,15 @@ class GenpiConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str], source: str = "overrides") -> "GenpiConfig":
-        """A new config with dotted (`train.epochs`) or nested overrides applied and validated."""
+        """A new config with dotted (`train.epochs`) or nested overrides applied and validated.
+
+        Every problem (malformed argument, unknown key, invalid value) is listed in one ConfigError.
+        """
+        problems: list[str] = []
+        items = _parse_overrides(overrides, source, problems) if isinstance(overrides, list) else overrides
         data = self.model_dump()
-        items = parse_override_args(overrides, source) if isinstance(overrides, list) else overrides
-        for key, value in _flatten(items).items():
-            _set_dotted(data, key, value, source)
-        return _validate(data, source)
+        _apply(data, typed_overrides(items), source, problems)
+        return _validate(data, source, problems)
 
     def stage_dict(self, stage: str) -> dict[str, Any]:
         """A stage's settings as they enter fingerprints (those that only change how it runs are left out)."""
@@ -226,8 +231,34 @@ class GenpiConfig(_Strict):
 
 
 # Settings that change how a stage runs, never what it produces: left out of fingerprints,
-# so changing them does not redo finished work.
-HOW_NOT_WHAT = {"train": {"max_batch_tokens"}}
+# so changing them does not redo finished work. Micro-batching adds up to the same gradients,
+# a pack trains each adapter as if alone (tested), ZeRO shards the same optimizer state, and
+# checkpoints only decide where a crashed run resumes. (engine.batch_size, cluster.* and
+# serve.* never enter a fingerprint at all.)
+HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def typed_overrides(items: dict[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Overrides with dotted or nested keys (config file, manifest) typed for the fields they set."""
+    out: dict[str, Any] = {}
+    for key, value in ((plain(k), v) for k, v in items.items()):
+        full = (*_path, *str(key).split("."))
+        # A non-empty dict is a group of overrides, as `_flatten` reads it.
+        out[key] = typed_overrides(value, full) if isinstance(value, dict) and value else typed(value, _field_type(full))
+    return out
+
+
+def _field_type(parts: tuple[str, ...]) -> Any:
+    node: Any = GenpiConfig
+    for part in parts:
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return Any  # an unknown key: `_apply` reports it
+        node = field.annotation
+    return node
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -242,25 +273,29 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            where = ".".join(parts[: i + 1])
-            known = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
-            raise ConfigError(f"{source}: unknown config key '{where}' (known here: {known})")
-        if i == len(parts) - 1:
-            node[part] = value
-        else:
-            node = node[part]
+def _apply(data: dict[str, Any], items: dict[str, Any], source: str, problems: list[str]) -> None:
+    """Set each (dotted or nested) override in `data`; an unknown key becomes a problem."""
+    for key, value in _flatten(items).items():
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[: i + 1])
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "none"
+                problems.append(f"{source}: unknown config key '{where}' (known here: {known})")
+                break
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
 
 
-def _validate(data: dict[str, Any], source: str) -> GenpiConfig:
+def _validate(data: dict[str, Any], source: str, problems: list[str] | None = None) -> GenpiConfig:
+    """The validated config, or one ConfigError with `problems` and every validation error."""
+    lines = list(problems or [])
     try:
-        return GenpiConfig.model_validate(data)
+        cfg = GenpiConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"]
@@ -268,20 +303,32 @@ def _validate(data: dict[str, Any], source: str) -> GenpiConfig:
                 msg = "unknown config key"
             msg = msg.removeprefix("Value error, ")
             lines.append(f"{source}: field '{field}': {msg}")
+    if lines:
         raise ConfigError("\n".join(lines)) from None
+    return cfg
 
 
 def parse_override_args(args: list[str], source: str = "command line") -> dict[str, Any]:
-    """`["train.epochs=3", "model.name=/models/x"]` -> {"train.epochs": 3, ...}; values parse as YAML."""
+    """`["train.epochs=3", "model.name=/models/x"]` -> {"train.epochs": 3, ...}; values parse as YAML 1.2."""
+    problems: list[str] = []
+    out = _parse_overrides(args, source, problems)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
+
+
+def _parse_overrides(args: list[str], source: str, problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for arg in args:
         if "=" not in arg:
-            raise ConfigError(f"{source}: override '{arg}' is not of the form key.sub=value")
+            problems.append(f"{source}: override '{arg}' is not of the form key.sub=value")
+            continue
         key, raw = arg.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw  # not YAML (say `name=[x`): the text itself
+        out.update(typed_overrides({key.strip(): value}))
     return out
 
 
@@ -289,24 +336,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Defaults, then the YAML file (if any), then `key=value` overrides, each validated."""
     data: dict[str, Any] = GenpiConfig().model_dump()
     source = "defaults"
+    problems: list[str] = []
     if path is not None:
         p = Path(path)
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=YamlLoader)  # noqa: S506 - a SafeLoader
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if loaded is None:
+        if plain(loaded) is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the config must be a mapping of sections (model, synth, train, ...)")
-        for key, value in _flatten(loaded).items():
-            _set_dotted(data, key, value, source)
-    cfg = _validate(data, source)
+        _apply(data, typed_overrides(loaded), source, problems)
+    cfg = _validate(data, source, problems)
     if overrides:
         cfg = cfg.with_overrides(overrides, "command line")
     return cfg

@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal, Union
+from typing import Annotated, Any, Callable, Iterable
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from genpi.chat import valid_id
+from genpi.checks import CHECK_CLASSES, CHECK_TYPES, Check
+from genpi.config import typed_overrides
+from genpi.yamlio import Scalar, YamlLoader, plain, typed
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
 
 # Ids become directory names and OpenAI `model` names: keep them to a portable charset.
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: `$` accepts a final "\n"
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
-_LANG_RE = re.compile(r"[a-z]{2,3}")
 
 
 class ManifestError(ValueError):
@@ -50,154 +41,6 @@ class ManifestError(ValueError):
 class _Strict(BaseModel):
     # An unknown key is almost always a typo that would silently do nothing: refuse it.
     model_config = ConfigDict(extra="forbid")
-
-
-# --------------------------------------------------------------------------- checks
-
-
-class _CheckBase(_Strict):
-    # A stable name keys the check's results in eval.json; None means derived from the check.
-    name: str | None = Field(default=None, min_length=1)
-
-    def default_name(self) -> str:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
-
-    @property
-    def display_name(self) -> str:
-        return self.name or self.default_name()
-
-
-def _flag_bits(flags: str) -> int:
-    bits = 0
-    for ch in flags:
-        bits |= _REGEX_FLAGS.get(ch, 0)  # unknown letters are reported by RegexCheck._known_flags
-    return bits
-
-
-class RegexCheck(_CheckBase):
-    """Passes when `re.search(pattern, reply)` finds a match (or finds none, with negate)."""
-
-    type: Literal["regex"] = "regex"
-    # flags before pattern: field validators run in declaration order, and pattern's needs flags.
-    flags: str = ""
-    pattern: str = Field(min_length=1)
-    negate: bool = False
-
-    @field_validator("flags")
-    @classmethod
-    def _known_flags(cls, v: str) -> str:
-        bad = sorted(set(v) - set(_REGEX_FLAGS))
-        if bad:
-            raise ValueError(f"unknown regex flag(s) {''.join(bad)!r}; use any of 'i', 'm', 's', 'x'")
-        return v
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str, info: ValidationInfo) -> str:
-        # A field (not model) validator, so a bad pattern is reported next to other errors in the check.
-        try:
-            re.compile(v, _flag_bits(info.data.get("flags", "")))
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {v!r}: {e}") from None
-        return v
-
-    def compiled(self) -> re.Pattern[str]:
-        return re.compile(self.pattern, _flag_bits(self.flags))  # `re` caches compiled patterns
-
-    def default_name(self) -> str:
-        return f"{'not ' if self.negate else ''}regex:{self.pattern}"
-
-
-class JsonCheck(_CheckBase):
-    """Passes when the reply is a JSON object (``` fences and whitespace around it allowed)."""
-
-    type: Literal["json"] = "json"
-    required_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
-
-    def default_name(self) -> str:
-        return "json" + (f"+keys:{','.join(self.required_keys)}" if self.required_keys else "")
-
-
-class LanguageCheck(_CheckBase):
-    """Passes when py3langid identifies the reply's language as `lang`."""
-
-    type: Literal["language"] = "language"
-    lang: str
-    # None: the most likely language must be `lang`; otherwise its probability must reach this too.
-    min_confidence: float | None = Field(default=None, gt=0, le=1)
-
-    @field_validator("lang")
-    @classmethod
-    def _iso_code(cls, v: str) -> str:
-        code = v.strip().lower()
-        if not _LANG_RE.fullmatch(code):
-            raise ValueError(f"must be an ISO 639-1 language code such as 'fr' or 'de'; got {v!r}")
-        # Fail at load time, not after hours of training, if the detector cannot say this language.
-        from genpi.eval.checks import supported_languages  # lazy: loads the langid model
-
-        known = supported_languages()
-        if known and code not in known:
-            raise ValueError(f"language {code!r} is not one py3langid can detect")
-        return code
-
-    def default_name(self) -> str:
-        return f"language={self.lang}"
-
-
-class _AffixCheck(_CheckBase):
-    text: str = Field(min_length=1)
-    case_sensitive: bool = False
-
-
-class StartsWithCheck(_AffixCheck):
-    """Passes when the reply, stripped of surrounding whitespace, starts with `text`."""
-
-    type: Literal["starts_with"] = "starts_with"
-
-    def default_name(self) -> str:
-        return f"starts_with:{self.text}"
-
-
-class EndsWithCheck(_AffixCheck):
-    """Passes when the reply, stripped of surrounding whitespace, ends with `text`."""
-
-    type: Literal["ends_with"] = "ends_with"
-
-    def default_name(self) -> str:
-        return f"ends_with:{self.text}"
-
-
-class MaxLengthCheck(_CheckBase):
-    """Passes when the stripped reply has at most `max_chars` characters and `max_words` words."""
-
-    type: Literal["max_length"] = "max_length"
-    max_chars: int | None = Field(default=None, gt=0)
-    max_words: int | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _some_limit(self) -> "MaxLengthCheck":
-        if self.max_chars is None and self.max_words is None:
-            raise ValueError("set max_chars, max_words or both")
-        return self
-
-    def default_name(self) -> str:
-        parts = []
-        if self.max_chars is not None:
-            parts.append(f"{self.max_chars} chars")
-        if self.max_words is not None:
-            parts.append(f"{self.max_words} words")
-        return "max_length:" + ",".join(parts)
-
-
-Check = Annotated[
-    Union[RegexCheck, JsonCheck, LanguageCheck, StartsWithCheck, EndsWithCheck, MaxLengthCheck],
-    Field(discriminator="type"),
-]
-_CHECK_CLASSES: dict[str, type[_CheckBase]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (RegexCheck, JsonCheck, LanguageCheck, StartsWithCheck, EndsWithCheck, MaxLengthCheck)
-}
-CHECK_TYPES: tuple[str, ...] = tuple(_CHECK_CLASSES)
 
 
 # --------------------------------------------------------------------------- entries
@@ -239,7 +82,7 @@ class PromptEntry(_Strict):
     @field_validator("id")
     @classmethod
     def _portable_id(cls, v: str) -> str:
-        if not _ID_RE.fullmatch(v) or ".." in v:
+        if not valid_id(v):
             raise ValueError(
                 "must be 1-128 characters of letters, digits, '.', '_' or '-', start with a letter "
                 f"or digit and contain no '..' (it becomes a directory name and an API model name); got {v!r}"
@@ -262,24 +105,6 @@ class PromptEntry(_Strict):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: list[Any] = []
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:  # a list, not a set: YAML keys may be unhashable (the base class reports those)
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.append(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 class _Raw:
@@ -401,18 +226,46 @@ def _read_file(f: Path, problems: list[str]) -> list[_Raw]:
         return _read_jsonl(src, text, problems)
     if f.suffix.lower() == ".json":
         try:
-            doc = json.loads(text)
+            doc = _json_loads(text)
         except json.JSONDecodeError as e:
             problems.append(f"{src}: line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}")
             return []
-        return _split_document(src, doc, None, problems)
+        return _split_document(src, _typed_document(doc), None, problems)
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+        node = yaml.compose(text, Loader=YamlLoader)  # noqa: S506 - for line numbers
     except yaml.YAMLError as e:
         problems.append(f"{src}: {_yaml_error(e)}")
         return []
-    return _split_document(src, doc, node, problems)
+    return _split_document(src, _typed_document(doc), node, problems)
+
+
+def _json_loads(text: str) -> Any:
+    # Numbers keep their text, as YAML's do: `"id": 2024` reaches the string field as "2024".
+    return json.loads(text, parse_int=lambda t: Scalar(t, int(t)), parse_float=lambda t: Scalar(t, float(t)))
+
+
+def _typed_document(doc: Any) -> Any:
+    """The loaded document with scalars typed for the fields they feed (see genpi.yamlio)."""
+    if isinstance(doc, list):
+        return [_typed_entry(item) for item in doc]
+    if isinstance(doc, dict) and "prompts" in doc and "prompt" not in doc and "id" not in doc:
+        return {k: [_typed_entry(e) for e in v] if isinstance(v, list) else typed(v) for k, v in _items(doc)}
+    return _typed_entry(doc)
+
+
+def _typed_entry(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return typed(item)
+    out = typed(item, PromptEntry)
+    overrides = dict(_items(item)).get("overrides")
+    if isinstance(overrides, dict):  # typed for the config fields they set, not as Any
+        out["overrides"] = typed_overrides(overrides)
+    return out
+
+
+def _items(d: dict[Any, Any]) -> list[tuple[Any, Any]]:
+    return [(plain(k), v) for k, v in d.items()]
 
 
 def _read_jsonl(src: str, text: str, problems: list[str]) -> list[_Raw]:
@@ -422,11 +275,11 @@ def _read_jsonl(src: str, text: str, problems: list[str]) -> list[_Raw]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _json_loads(line)
         except json.JSONDecodeError as e:
             problems.append(f"{src}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}")
             continue
-        raws.append(_Raw(src, len(raws) + 1, obj, lineno, jsonl=True))
+        raws.append(_Raw(src, len(raws) + 1, _typed_entry(obj), lineno, jsonl=True))
     return raws  # never silently empty: the text is not blank, so each line parsed or was reported
 
 
@@ -491,8 +344,8 @@ def _describe(err: Any) -> str:
     loc = list(err["loc"])
     model: type[BaseModel] = PromptEntry
     # A discriminated union puts the tag in the location ('checks', 0, 'regex', 'pattern'): drop it.
-    if len(loc) >= 3 and loc[0] == "checks" and isinstance(loc[1], int) and loc[2] in _CHECK_CLASSES:
-        model = _CHECK_CLASSES[loc.pop(2)]
+    if len(loc) >= 3 and loc[0] == "checks" and isinstance(loc[1], int) and loc[2] in CHECK_CLASSES:
+        model = CHECK_CLASSES[loc.pop(2)]
     field = ""
     for part in loc:
         field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))

@@ -42,8 +42,20 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def open_store(uri: str, create: bool = True) -> "Store":
+    """A Store, or a ConfigError that names the store and what is wrong with it."""
+    from genpi.config import ConfigError
+
+    try:
+        return Store(uri, create=create)
+    except (ImportError, ValueError, OSError) as e:
+        # An unknown protocol, a missing fsspec backend (s3fs) or an unwritable folder.
+        raise ConfigError(f"store: cannot open '{uri}': {type(e).__name__}: {e}") from None
+
+
 class Store:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        """`create=False` for readers: a store that does not exist reads as empty and is not made."""
         root = str(root)
         self.fs, path = fsspec.core.url_to_fs(root)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
@@ -51,7 +63,23 @@ class Store:
         self.local = "file" in protocols
         self.root = path.rstrip("/") if not self.local else os.path.abspath(path)
         self.uri = root
-        self.fs.makedirs(self.root, exist_ok=True)
+        if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NotADirectoryError(f"{self.root} is a file, not a folder")
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file, so a read-only or unreachable store fails before any
+        work starts (ConfigError naming the store) rather than after hours of it."""
+        from genpi.config import ConfigError
+
+        probe = self.path(f".genpi-write-check-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.write_bytes(probe, b"ok")
+            self.remove(probe)
+        except (OSError, PermissionError) as e:
+            raise ConfigError(f"store: cannot write to '{self.uri}': {type(e).__name__}: {e}") from None
 
     # ---- paths -----------------------------------------------------------------------
     def path(self, *parts: str) -> str:

@@ -34,7 +34,7 @@ QUESTIONS = ["What is the capital of Japan?", "Why is the sky blue?", "How do I 
 def test_teacher_follows_the_prompt_and_records_topk(smollm):
     """The prompt (in the system slot) changes the model's language; top-k rows align with tokens."""
     from genpi.engines.base import ChatRequest
-    from genpi.eval.checks import detect_language
+    from genpi.checks import detect_language
     from genpi.synth.replies import student_messages, teacher_messages
 
     reqs = [ChatRequest(teacher_messages(FRENCH, q), 40, top_k_logprobs=5) for q in QUESTIONS]
@@ -108,5 +108,5 @@ def test_readme_acceptance_french(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     reg = json.loads((store / "registry.json").read_text())
     ev = json.loads((store / "prompts" / "french" / reg["french"]["fingerprint"] / "eval.json").read_text())
-    assert ev["metrics"]["check:language=fr"]["ratio"] >= 0.9, ev["metrics"]
+    assert ev["checks"]["language=fr"]["ratio"] >= 0.9, ev["checks"]
     assert ev["metrics"]["kl"]["ratio"] >= 0.6, ev["metrics"]

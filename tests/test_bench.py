@@ -57,15 +57,22 @@ def test_evaluate_many_gives_each_adapter_what_evaluate_gives_it_alone(tiny_mode
     many = evaluate_many(peft_model, tok, entry, heldout, ["a0", "a1"], tiny_config)
     assert set(many) == {"a0", "a1"}
     # The two adapters differ, so their scores must too (else the test would prove nothing).
-    assert many["a0"]["metrics"]["kl"]["adapter"] != many["a1"]["metrics"]["kl"]["adapter"]
+    assert many["a0"].metrics.kl.adapter != many["a1"].metrics.kl.adapter
+    assert set(many["a0"].checks) == {"has-a"}
     for name in ("a0", "a1"):
-        alone = evaluate(peft_model, tok, entry, heldout, name, tiny_config)
-        for metric, scores in alone["metrics"].items():
-            for system, value in scores.items():
-                got = many[name]["metrics"][metric][system]
-                assert got == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric, system)
-        assert many[name]["leak"] == pytest.approx(alone["leak"])
-        assert many[name]["samples"] == alone["samples"]
+        alone = evaluate(peft_model, tok, entry, heldout, name, tiny_config).model_dump()
+        got_all = many[name].model_dump()
+        scored = [("metrics", m) for m in alone["metrics"]] + [("checks", c) for c in alone["checks"]]
+        for group, metric in scored:
+            for system, value in alone[group][metric].items():
+                got = got_all[group][metric][system]
+                # A ratio is None where teacher and base score the same: then it must be None in both.
+                if value is None:
+                    assert got is None, (name, metric, system)
+                else:
+                    assert got == pytest.approx(value, rel=1e-4, abs=1e-6), (name, metric, system)
+        assert got_all["leak"] == pytest.approx(alone["leak"])
+        assert got_all["samples"] == alone["samples"]
 
 
 def test_prefill_flops_match_a_flop_counter(tiny_llama):
@@ -139,8 +146,25 @@ def test_quality_suite_end_to_end_on_a_tiny_model_and_resumes(bench, tiny_model_
     again = quality.run(**args)  # resumes: nothing is synthesized, trained or evaluated again
     assert {p: p.stat().st_mtime_ns for p in adapters + evals} == before
     assert again["prompts"]["french"]["settings"]["joint"]["ratios"] == fr["joint"]["ratios"]
+    assert again["prompts"]["french"]["settings"]["joint"]["checks"] == fr["joint"]["checks"]
+    assert set(res["prompts"]["french"]["checks"]) == set(fr["joint"]["checks"]) == {"language=fr"}
     md = quality.table(res)
     assert "genpi joint (default)" in md and "| french | language |" in md
+    fr_row = next(line for line in md.splitlines() if line.startswith("| french |"))
+    assert "| language=fr " in fr_row  # the checks column: teacher / base / each setting
+
+
+def test_quality_table_reads_results_written_before_the_typed_eval_record(bench):
+    """bench/run.py --merge re-renders the committed quality results, whose checks are
+    "check:NAME" entries among the metrics: the table still shows them."""
+    res = json.loads((REPO / "bench" / "results" / "cpu-2core.json").read_text())["sections"]["quality"]["cpu"]["result"]
+    fr = res["prompts"]["french"]
+    assert "checks" not in fr and "check:language=fr" in fr["teacher_scores"]  # the old layout
+    row = next(line for line in bench["quality"].table(res).splitlines() if line.startswith("| french |"))
+    sets = list(res["settings"])
+    want = [fr["teacher_scores"]["check:language=fr"], fr["base_scores"]["check:language=fr"],
+            *(fr["settings"][s]["adapter_scores"]["check:language=fr"] for s in sets)]
+    assert "language=fr " + " / ".join(f"{v:.2f}" for v in want) in row
 
 
 def test_run_writes_results_and_readme_table_with_honest_gpu_rows(bench, tmp_path, monkeypatch):
@@ -168,9 +192,16 @@ def test_run_writes_results_and_readme_table_with_honest_gpu_rows(bench, tmp_pat
     assert "old table" not in text and md in text and text.startswith("intro\n") and text.endswith("rest\n")
 
 
-def test_genpi_bench_is_bench_run(capsys):
+def test_genpi_bench_is_bench_run(capsys, monkeypatch, tmp_path):
+    from pathlib import Path
+
     from genpi.cli import main
 
+    # `genpi bench` runs the bench/run.py of the checkout it is started in; elsewhere it says so.
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--help"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--only" in out and "--update-readme" in out

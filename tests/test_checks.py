@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import pytest
 
-from genpi.eval.checks import check_name, detect_language, run_check, run_checks, supported_languages
-from genpi.manifest import (
+from genpi.checks import (
     EndsWithCheck,
     JsonCheck,
     LanguageCheck,
     MaxLengthCheck,
-    PromptEntry,
     RegexCheck,
     StartsWithCheck,
+    check_name,
+    detect_language,
+    run_check,
+    run_checks,
+    supported_languages,
 )
+from genpi.manifest import PromptEntry
 
 FRENCH = "Bien sûr ! La capitale du Japon est Tokyo. C'est une ville immense et très animée."
 ENGLISH = "Of course! The capital of Japan is Tokyo. It is a huge and very lively city."
@@ -110,7 +114,15 @@ def test_language_min_confidence():
 
 def test_supported_languages():
     langs = supported_languages()
-    assert {"fr", "en", "de", "ja", "zh"} <= langs
+    assert {"fr", "en", "de", "ja", "zh", "no", "nb"} <= langs
+
+
+def test_language_norwegian():
+    # `lang: no` in a manifest once read as False (YAML 1.1); the check itself must then work.
+    norwegian = "Jeg tror det blir fint vær i morgen, og vi skal på tur til fjellet med hele familien."
+    for code in ("no", "nb"):  # py3langid 0.3 knows both labels, 0.4 only "no"
+        assert run_check(LanguageCheck(lang=code), norwegian), code
+        assert not run_check(LanguageCheck(lang=code), ENGLISH), code
 
 
 # --------------------------------------------------------------------------- starts_with / ends_with

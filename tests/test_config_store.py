@@ -50,6 +50,134 @@ def test_config_file_errors_name_the_file(tmp_path):
     assert load_config(p, ["train.lr=0.01"]).train.epochs == 2
 
 
+# --------------------------------------------------------------------------- values as written (YAML 1.2)
+
+
+def test_string_fields_get_the_text_written_in_overrides():
+    # YAML 1.1 (PyYAML) made these False and the octal number 42798.
+    cfg = load_config(None, ["train.pg_target=off", "model.revision=0123456", "eval.leak_probes=[no, 007, 1.50]"])
+    assert cfg.train.pg_target == "off"
+    assert cfg.model.revision == "0123456"
+    assert cfg.eval.leak_probes == ["no", "007", "1.50"]
+    cfg = load_config(None, ["model.name=2024", "serve.base_model_name=true", "synth.end_marker=1.0"])
+    assert (cfg.model.name, cfg.serve.base_model_name, cfg.synth.end_marker) == ("2024", "true", "1.0")
+    assert load_config(None, ["model.revision='0123456'"]).model.revision == "0123456"  # quoted: a string anyway
+
+
+def test_string_fields_get_the_text_written_in_config_files(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {revision: 0123456}\ntrain:\n  pg_target: off\n  target_modules: [q_proj, 012]\n")
+    cfg = load_config(p)
+    assert cfg.model.revision == "0123456" and cfg.train.pg_target == "off"
+    assert cfg.train.target_modules == ["q_proj", "012"]
+    p.write_text("train.pg_target: off\nmodel.revision: 0123456\n")  # dotted keys in a file
+    cfg = load_config(p)
+    assert cfg.model.revision == "0123456" and cfg.train.pg_target == "off"
+
+
+def test_typed_fields_still_parse(tmp_path):
+    args = ["train.epochs=3", "train.lr=1e-3", "train.zero_stage=3", "synth.reasons=false",
+            "model.max_context=null", "cluster.gpus_per_train_worker=0.5", "train.early_stop_patience=0x2",
+            "model.revision=null", "serve.enable_prefix_caching=FALSE"]
+    p = tmp_path / "c.yaml"
+    p.write_text("\n".join(a.replace("=", ": ", 1) for a in args) + "\n")
+    for cfg in (load_config(None, args), load_config(p)):
+        assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+        assert cfg.train.lr == 0.001  # YAML 1.1 read 1e-3 as a string
+        assert cfg.train.zero_stage == 3 and cfg.train.early_stop_patience == 2
+        assert cfg.synth.reasons is False and cfg.serve.enable_prefix_caching is False
+        assert cfg.model.max_context is None and cfg.model.revision is None
+        assert cfg.cluster.gpus_per_train_worker == 0.5
+    # Words that YAML 1.1 read as booleans still set a bool field (pydantic reads them).
+    assert load_config(None, ["synth.reasons=off"]).synth.reasons is False
+    assert load_config(None, ["synth.reasons=yes"]).synth.reasons is True
+
+
+def test_yaml_core_schema():
+    import yaml
+
+    from genpi.yamlio import Scalar, YamlLoader, typed
+
+    def load(text):
+        return typed(yaml.load(text, Loader=YamlLoader))  # noqa: S506 - a SafeLoader
+
+    for word in ["yes", "no", "on", "off", "y", "n", "2024-01-01", "1_000", "0b11", "1:30", ".hidden", "nullable"]:
+        assert load(word) == word, word
+    assert [load(t) for t in ["true", "False", "0123", "-7", "0o17", "0x1F", "1.5", "1e-3", "-.inf", "~", "null"]] == [
+        True, False, 123, -7, 15, 31, 1.5, 0.001, float("-inf"), None, None]
+    assert yaml.load("v: 0123", Loader=YamlLoader) == {"v": Scalar("0123", 123)}  # noqa: S506
+    assert load("a: &base {x: 1, y: 2}\nb:\n  <<: *base\n  y: 3\n")["b"] == {"x": 1, "y": 3}
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'x'"):
+        load("x: 1\nx: 2\n")
+
+
+def test_config_file_duplicate_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_config(p)
+
+
+# --------------------------------------------------------------------------- every problem at once
+
+
+def test_all_override_problems_listed_at_once():
+    args = ["train.epoch=3", "train.epochs=-1", "trian.epochs=3", "train.epochs", "train.pg_target=sometimes",
+            "synth.seed=1"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 5, lines
+    for needle in ["unknown config key 'train.epoch'", "unknown config key 'trian'", "not of the form key.sub=value",
+                   "field 'train.epochs'", "field 'train.pg_target'"]:
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    with pytest.raises(ConfigError) as e:
+        GenpiConfig().with_overrides({"train": {"epoch": 3, "epochs": 0}, "synth.sed": 1})
+    assert len(str(e.value).splitlines()) == 3
+
+
+def test_all_config_file_problems_listed_at_once(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lerning_rate: 0.1\n  epochs: 0\nsynth: {sed: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(p)) for line in lines), lines
+    assert "train.lerning_rate" in lines[0] and "synth.sed" in lines[1] and "train.epochs" in lines[2]
+
+
+# --------------------------------------------------------------------------- fingerprints hold content only
+
+# Settings that change how a stage runs, never what it produces (issue 13).
+HOW_SETTINGS = {
+    "train.pack_size": 1,
+    "train.zero_stage": 3,
+    "train.checkpoint_every_steps": 7,
+    "train.max_batch_tokens": 512,
+}
+STAGES = ("model", "engine", "synth", "train", "eval")
+
+
+def test_execution_settings_leave_every_stage_dict_unchanged():
+    from genpi.config import HOW_NOT_WHAT
+
+    base = GenpiConfig()
+    assert {f"{s}.{k}" for s, keys in HOW_NOT_WHAT.items() for k in keys} >= set(HOW_SETTINGS)
+    for key, value in HOW_SETTINGS.items():
+        changed = base.with_overrides({key: value})
+        section, field = key.split(".")
+        assert getattr(getattr(changed, section), field) != getattr(getattr(base, section), field), key
+        for stage in STAGES:
+            assert changed.stage_dict(stage) == base.stage_dict(stage), (key, stage)
+    # Every excluded name is a real field (a typo would exclude nothing) ...
+    for section, keys in HOW_NOT_WHAT.items():
+        assert keys <= set(type(getattr(base, section)).model_fields), section
+    # ... and content still counts.
+    for key, value in {"train.lr": 1e-4, "train.batch_size": 4, "synth.seed": 1, "eval.max_new_tokens": 7}.items():
+        section = key.split(".")[0]
+        assert base.with_overrides({key: value}).stage_dict(section) != base.stage_dict(section), key
+
+
 def test_all_zero_loss_weights_rejected():
     with pytest.raises(ConfigError, match="all loss weights are zero"):
         load_config(None, ["train.w_sft=0", "train.w_kl=0", "train.w_pg=0"])

@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 import pytest
 
 from genpi.eval.html_report import write_html_report
+from genpi.eval.result import EvalResult
 from genpi.store import Store
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -16,14 +17,28 @@ EVIL = 'CUDA out of memory <script>alert("x")</script> & more'
 
 
 def _eval(kl, agree, saved, share, leak=0.1, checks=None):
-    metrics = {"kl": {"teacher": 0.0, "base": 1.2, "adapter": 0.3, "ratio": kl},
-               "agreement": {"teacher": 1.0, "base": 0.2, "adapter": 0.7, "ratio": agree}}
-    for name, r in (checks or {}).items():
+    """The eval record as report.json embeds it (EvalResult.to_json)."""
+    return EvalResult(
+        prompt_id="x", n_heldout=8,
+        metrics={"kl": {"teacher": 0.0, "base": 1.2, "adapter": 0.3, "ratio": kl},
+                 "agreement": {"teacher": 1.0, "base": 0.2, "adapter": 0.7, "ratio": agree}},
+        checks={name: {"teacher": 1.0, "base": 0.0, "adapter": r, "ratio": r} for name, r in (checks or {}).items()},
+        efficiency={"input_tokens_saved_per_request": saved, "input_tokens_with_prompt": None if saved is None else saved + 20,
+                    "input_tokens_without_prompt": 20, "input_tokens_saved_share": share},
+        leak=None if leak is None else {"adapter": leak, "base": 0.0, "teacher": 0.9}).to_json()
+
+
+def _old_eval(kl, saved, share, checks):
+    """An evaluation as report.json files written before the typed record hold it: checks
+    as "check:NAME" under metrics (such reports stay readable)."""
+    metrics = {"kl": {"teacher": 0.0, "base": 1.2, "adapter": 0.3, "ratio": kl, "tokens": 40},
+               "agreement": {"teacher": 1.0, "base": 0.2, "adapter": 0.7, "ratio": 0.4}}
+    for name, r in checks.items():
         metrics[f"check:{name}"] = {"teacher": 1.0, "base": 0.0, "adapter": r, "ratio": r}
     return {"prompt_id": "x", "n_heldout": 8, "metrics": metrics,
-            "efficiency": {"input_tokens_saved_per_request": saved, "input_tokens_with_prompt": None if saved is None else saved + 20,
+            "efficiency": {"input_tokens_saved_per_request": saved, "input_tokens_with_prompt": saved + 20,
                            "input_tokens_without_prompt": 20, "input_tokens_saved_share": share},
-            "leak": {"adapter": leak, "base": 0.0, "teacher": 0.9}}
+            "leak": {"adapter": 0.1, "base": 0.0, "teacher": 0.9}, "samples": [], "leak_samples": []}
 
 
 def _prompt(pid, status, ev, tokens, seconds=None, error=None, stage=None):
@@ -40,7 +55,7 @@ def make_report():
         _prompt("pirate", "published", _eval(1.05, 0.9, 200.4, 0.8, checks={"arr": 0.5, "len": -0.2}), 215,
                 {"synth": 10.0, "train": 40.0, "eval": 6.0}),
         _prompt("json-only", "published", _eval(-0.1, 0.3, 95.0, 0.61), 110, {"synth": 5.0, "train": 20.0}),
-        _prompt("old", "skipped", _eval(0.5, 0.4, 50.0, 0.5), 60),
+        _prompt("old", "skipped", _old_eval(0.5, 50.0, 0.5, checks={"tone": 0.25}), 60),
         _prompt("<b>bad</b>", "failed", None, 300, {"synth": 3.0}, error=EVIL, stage="train"),
         _prompt("empty", "published", none_metrics, None, {"synth": 1.0, "train": 2.0, "eval": 0.5}),
     ]
@@ -114,6 +129,9 @@ def test_full_report(tmp_path):
     assert rows["json-only"][col["KL ratio"]] == "-0.10" and rows["json-only"][col["eval s"]] == "n/a"
     assert rows["empty"][col["KL ratio"]] == rows["empty"][col["leak (adapter)"]] == "n/a"
     assert rows["empty"][col["check ratios"]] == "-"
+    old = rows["old"]  # a report written before the typed eval record
+    assert (old[col["KL ratio"]], old[col["agreement ratio"]], old[col["check ratios"]]) == ("0.50", "0.40", "tone 0.25")
+    assert (old[col["tokens saved / request"]], old[col["saved share"]]) == ("50", "50%")
     failed = rows["<b>bad</b>"]
     assert failed[col["error"]] == "[train] " + EVIL and failed[col["KL ratio"]] == "n/a"
     assert all(r[col["error"]] == "" for pid, r in rows.items() if pid != "<b>bad</b>")

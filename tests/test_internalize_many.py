@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genpi.batch import internalize_many
+from genpi.pipeline.run import internalize
 from genpi.config import load_config
 from genpi.store import Store
 
@@ -77,7 +77,7 @@ def test_five_prompts_then_only_the_changed_one_is_redone(model, ray_local, tmp_
     manifest = write_manifest(tmp_path / "prompts.yaml", PROMPTS)
     name = request.getfixturevalue("tiny_model_dir") if model == "tiny" else "embedded"
     cfg = load_config(None, [*SMALL, f"model.name={name}", f"store={store}"])
-    assert internalize_many(str(manifest), cfg) == 0
+    assert internalize(str(manifest), cfg, "ray") == 0
     out = capsys.readouterr().out
     assert "5 new" in out and "5 published" in out
     reg = json.loads((store / "registry.json").read_text())
@@ -93,7 +93,7 @@ def test_five_prompts_then_only_the_changed_one_is_redone(model, ray_local, tmp_
 
     changed = dict(PROMPTS, poet="Answer every question with a short poem about the sea.")
     write_manifest(manifest, changed)
-    assert internalize_many(str(manifest), cfg) == 0
+    assert internalize(str(manifest), cfg, "ray") == 0
     out = capsys.readouterr().out
     assert "1 changed, 4 unchanged" in out and "1 published, 4 unchanged" in out
     reg2 = json.loads((store / "registry.json").read_text())
@@ -108,7 +108,7 @@ def test_five_prompts_then_only_the_changed_one_is_redone(model, ray_local, tmp_
 def test_dry_run_prints_the_plan_and_budget_and_runs_nothing(tmp_path, capsys, tiny_model_dir):
     manifest = write_manifest(tmp_path / "prompts.yaml", PROMPTS)
     cfg = load_config(None, [*SMALL, f"model.name={tiny_model_dir}", f"store={tmp_path / 'store'}"])
-    assert internalize_many(str(manifest), cfg, dry_run=True) == 0
+    assert internalize(str(manifest), cfg, "ray", dry_run=True) == 0
     out = capsys.readouterr().out
     assert "5 new, 0 changed, 0 unchanged" in out and "estimated budget" in out and "training tokens" in out
     assert not (tmp_path / "store" / "prompts").exists()

@@ -1,6 +1,7 @@
-"""KubeRay manifests (k8s/) and cluster files (cluster/): rendered, validated, not stale.
+"""KubeRay manifests (k8s/) and cluster files (cluster/): rendered, validated, not stale,
+and generated the same by an installed (non-editable) genpi outside the checkout.
 
-Every kustomization is rendered (genpi.k8s.kustomize_build; compared with `kubectl kustomize`
+Every kustomization is rendered (tests/k8s_kustomize.py; compared with `kubectl kustomize`
 where kubectl is installed) and every ray.io document is validated against the KubeRay CRD
 schemas in ../shared/kuberay-crds (skipped, with the reason, where that folder is absent).
 Then what the schemas do not check: serveConfigV2, runtimeEnvYAML, submissionMode, replica
@@ -17,15 +18,20 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 import yaml
 
-from genpi import k8s
+import genpi.k8s.builders as B
+import genpi.k8s.output as output
+import genpi.k8s.profiles as P
+import k8s_kustomize as kz
 from genpi.config import load_config
-from genpi.serve.deploy import serve_config
+from genpi.k8s import main as k8s_main
+from genpi.serve.config import serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO.parent / "shared" / "kuberay-crds"
@@ -37,7 +43,11 @@ SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 
 @functools.lru_cache(maxsize=None)
 def rendered(kdir: str) -> tuple:
-    return tuple(k8s.kustomize_build(REPO / "k8s" / kdir))
+    return tuple(kz.kustomize_build(REPO / "k8s" / kdir))
+
+
+def cluster_runtime_env() -> dict:
+    return yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text(encoding="utf-8"))
 
 
 def docs_of(kdir: str, kind: str) -> list[dict]:
@@ -69,33 +79,180 @@ def pod_templates(kdir: str) -> list[tuple[str, dict]]:
 
 
 def test_committed_manifests_are_up_to_date():
-    stale = k8s.stale_files()
-    assert not stale, f"k8s/ is stale, run `python -m genpi.k8s`: {stale}"
+    stale = output.stale_files(REPO / "k8s")
+    assert not stale, f"k8s/ is stale, run `genpi k8s`: {stale}"
 
 
 def test_a_config_change_makes_the_manifests_stale_until_regenerated(tmp_path):
-    for rel in ("cluster/configs", "examples/prompts", "k8s"):
-        shutil.copytree(REPO / rel, tmp_path / rel)
-    shutil.copy(REPO / "cluster" / "runtime_env.yaml", tmp_path / "cluster" / "runtime_env.yaml")
-    assert k8s.stale_files(tmp_path) == []
-    cfg = tmp_path / "cluster" / "configs" / "cpu-dev.yaml"
-    cfg.write_text(cfg.read_text().replace("max_replicas: 2", "max_replicas: 5"))
-    stale = k8s.stale_files(tmp_path)
+    shutil.copytree(REPO / "k8s", tmp_path / "k8s")
+    assert output.stale_files(tmp_path / "k8s") == []
+    cfg = tmp_path / "cpu-dev.yaml"
+    cfg.write_text((P.CONFIGS / "cpu-dev.yaml").read_text().replace("max_replicas: 2", "max_replicas: 5"))
+    want = output.generate({"cpu-dev": cfg})
+    stale = output.stale_files(tmp_path / "k8s", want)
     assert {"base/rayservice.yaml", "base/configmaps.yaml", "overlays/dev-cpu/rayservice-patch.yaml"} <= set(stale)
     (tmp_path / "k8s" / "base" / "stray.yaml").write_text("kind: ConfigMap\n")
-    assert "base/stray.yaml" in k8s.stale_files(tmp_path)
+    assert "base/stray.yaml" in output.stale_files(tmp_path / "k8s", want)
     (tmp_path / "k8s" / "base" / "stray.yaml").unlink()
-    k8s.write_manifests(tmp_path)
-    assert k8s.stale_files(tmp_path) == []
-    svc = next(d for d in k8s.kustomize_build(tmp_path / "k8s" / "base") if d["kind"] == "RayService")
+    output.write_tree(tmp_path / "k8s", want)
+    assert output.stale_files(tmp_path / "k8s", want) == []
+    svc = next(d for d in kz.kustomize_build(tmp_path / "k8s" / "base") if d["kind"] == "RayService")
     model = next(d for d in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"]
                  if d["name"] == "GenpiAdapters")
     assert model["autoscaling_config"]["max_replicas"] == 5
 
 
-def test_check_command_reports_stale_files(tmp_path, capsys):
-    assert k8s.main(["--check"]) == 0
+def _fake_checkout(root: Path) -> Path:
+    shutil.copytree(REPO / "k8s", root / "k8s")
+    (root / "pyproject.toml").write_text('[project]\nname = "genpi"\n')
+    (root / "sub").mkdir()
+    return root
+
+
+def test_check_command_reports_stale_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert k8s_main(["--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+    # In any checkout, from any folder inside it: the checkout's own k8s/.
+    root = _fake_checkout(tmp_path / "checkout")
+    monkeypatch.chdir(root / "sub")
+    assert k8s_main(["--check"]) == 0
+    (root / "k8s" / "overlays" / "gpu-prod" / "rayjob-patch.yaml").write_text("[]\n")
+    assert k8s_main(["--check"]) == 1
+    assert "overlays/gpu-prod/rayjob-patch.yaml" in capsys.readouterr().err
+    assert k8s_main([]) == 0
+    assert "overlays/gpu-prod/rayjob-patch.yaml" in capsys.readouterr().out
+    assert k8s_main(["--check"]) == 0
+    # Outside a checkout, writing or checking k8s/ has no target: a clear error, exit 2.
+    monkeypatch.chdir(tmp_path)
+    assert k8s_main(["--check"]) == 2 and k8s_main([]) == 2
+    assert "--render DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --config and --prompts only change a rendered tree
+        k8s_main(["--prompts", str(REPO / "examples" / "prompts")])
+
+
+def test_render_writes_the_whole_tree_with_the_users_config_and_prompts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert k8s_main(["--render", str(out)]) == 0
+    assert {f.relative_to(out).as_posix(): f.read_text() for f in out.rglob("*") if f.is_file()} == output.generate()
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text((P.CONFIGS / "gpu.yaml").read_text().replace("s3://genpi-prod/store", "s3://my-bucket/genpi"))
+    assert k8s_main(["--render", str(out), "--config", f"gpu={cfg}",
+                     "--prompts", str(REPO / "examples" / "prompts")]) == 0
+    gpu = {(d["kind"], d["metadata"]["name"]): d for d in kz.kustomize_build(out / "overlays" / "gpu-prod")}
+    assert gpu["ConfigMap", "genpi-config"]["data"]["genpi.yaml"] == cfg.read_text()
+    assert "s3://my-bucket/genpi" in gpu["RayService", "genpi-serve"]["spec"]["serveConfigV2"]
+    assert set(gpu["ConfigMap", "genpi-prompts"]["data"]) == {"french.yaml", "pirate.yaml", "shell_agent.yaml"}
+    # Bad input names what is wrong and exits 2 (not a traceback).
+    capsys.readouterr()
+    assert k8s_main(["--render", str(out), "--config", f"nope={cfg}"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert k8s_main(["--render", str(out), "--prompts", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    cfg.write_text("cluster:\n  train_workers: zero\n")
+    assert k8s_main(["--render", str(out), "--config", f"gpu={cfg}"]) == 2
+    assert "train_workers" in capsys.readouterr().err
+
+
+def test_render_works_from_an_installed_package_outside_the_checkout(tmp_path):
+    """A non-editable install of genpi (built from a copy of the sources, so nothing is
+    written into the checkout), run with its cwd and import path outside the checkout,
+    renders exactly what the checkout generates."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "genpi", src / "genpi", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(site), str(src)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    shutil.rmtree(src)  # the installed copy must not need its sources
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = str(site)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+
+    where = run("-c", "import genpi.k8s, importlib.metadata as m; print(genpi.k8s.__file__); "
+                      "print(m.distribution('genpi').locate_file('genpi'))")
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    rendered_ = run("-m", "genpi.k8s", "--render", "out")
+    assert rendered_.returncode == 0, rendered_.stderr
+    files = {f.relative_to(work / "out").as_posix(): f.read_text() for f in (work / "out").rglob("*") if f.is_file()}
+    assert files == output.generate()
+    # The `genpi` command of the installed package, as a user runs it.
+    script = run(str(site / "bin" / "genpi"), "k8s", "--render", "out2")
+    assert script.returncode == 0, script.stderr
+    assert not output.stale_files(work / "out2")
+    outside = run("-m", "genpi.k8s", "--check")
+    assert outside.returncode == 2 and "--render DIR" in outside.stderr
+
+
+def test_packaged_data_is_the_one_source_of_the_checkouts_copies():
+    """cluster/configs/*.yaml (the paths users pass to --config) are links to the packaged
+    configs; the packaged default prompt is the example of the same name."""
+    for name in P.config_names():
+        link = REPO / "cluster" / "configs" / f"{name}.yaml"
+        assert link.is_symlink() and link.resolve() == (P.CONFIGS / f"{name}.yaml").resolve(), link
+    assert sorted(f.name for f in (REPO / "cluster" / "configs").iterdir()) == [f"{n}.yaml" for n in P.config_names()]
+    for f in P.DEFAULT_PROMPTS.iterdir():
+        assert f.read_text() == (REPO / "examples" / "prompts" / f.name).read_text(), f.name
+    assert P.profiles().job_env_vars == cluster_runtime_env()["env_vars"]
+
+
+def test_versions_come_from_the_package_metadata():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert P.genpi_version() == project["version"]
+    pins = [re.fullmatch(r"ray(\[.*\])?==(\S+)", d) for d in project["dependencies"]]
+    assert P.ray_version() == next(m.group(2) for m in pins if m)
+    for kdir in KUSTOMIZATIONS:
+        for name, spec in cluster_specs(kdir):
+            assert spec["rayVersion"] == P.ray_version(), name
+        for name, tpl in pod_templates(kdir):
+            assert tpl["spec"]["containers"][0]["image"].startswith(f"genpi:{project['version']}"), name
+
+
+@pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
+def test_worker_pods_are_sized_from_the_configs_cluster_and_serve_sections(kdir):
+    import math
+
+    profile = P.profile(PROFILE_OF[kdir])
+    cfg = load_config(P.config_path(PROFILE_OF[kdir]))
+    c, s = cfg.cluster, cfg.serve
+    actors = [(c.cpus_per_engine_actor, c.gpus_per_engine_actor), (c.cpus_per_train_worker, c.gpus_per_train_worker),
+              (s.cpus_per_replica, s.gpus_per_replica)]
+    cpus = max(a[0] for a in actors) * profile.worker.actors_per_pod + profile.worker.extra_cpus
+    gpus = math.ceil(max(a[1] for a in actors) * profile.worker.actors_per_pod)
+    for name, spec in cluster_specs(kdir):
+        (group,) = spec["workerGroupSpecs"]
+        r = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert float(r["cpu"]) == cpus, name
+        assert r["memory"] == f"{int(cpus * profile.worker.memory_gib_per_cpu)}Gi", name
+        assert int(r.get("nvidia.com/gpu", 0)) == gpus, name
+        # Every actor of every stage fits in a pod, and the group holds the largest stage.
+        for actor_cpus, actor_gpus in actors:
+            assert actor_cpus <= float(r["cpu"]) and actor_gpus <= gpus, name
+        pods_needed = max(c.synth_actors, c.train_workers, s.max_replicas) / profile.worker.actors_per_pod
+        assert group["maxReplicas"] >= pods_needed, name
+
+
+def test_a_change_of_actor_sizes_resizes_the_pods(tmp_path):
+    cfg = tmp_path / "gpu.yaml"
+    text = (P.CONFIGS / "gpu.yaml").read_text()
+    cfg.write_text(text.replace("cpus_per_train_worker: 4", "cpus_per_train_worker: 6")
+                   .replace("gpus_per_train_worker: 1", "gpus_per_train_worker: 2"))
+    ops = yaml.safe_load(output.generate({"gpu": cfg})["overlays/gpu-prod/raycluster-patch.yaml"])
+    res = next(o["value"] for o in ops if o["path"] == "/spec/workerGroupSpecs/0/template/spec/containers/0/resources")
+    assert res["limits"] == {"cpu": "10", "memory": "60Gi", "nvidia.com/gpu": "2"}  # 6 + 4 extra CPUs, 6 GiB each
+    cfg.write_text(text.replace("max_replicas: 4", "max_replicas: 9"))
+    with pytest.raises(ValueError, match="gpu-prod.*9 actors"):
+        output.generate({"gpu": cfg})
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -110,12 +267,10 @@ def test_kustomizations_render_the_three_ray_resources(kdir):
 
 @pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
 def test_renderer_matches_kubectl_kustomize(kdir):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
+    docs = kz.kubectl_kustomize(REPO / "k8s" / kdir)
+    if docs is None:
         pytest.skip("kubectl is not installed: the renderer is checked against kustomize only where it is")
-    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / kdir)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout) if d}
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     ours = {(d["kind"], d["metadata"]["name"]): d for d in rendered(kdir)}
     assert ours == theirs
 
@@ -138,16 +293,16 @@ def test_renderer_applies_json6902_strategic_merge_and_images(tmp_path):
                     {"patch": yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "m"},
                                               "data": {"b": "3", "c": "4"}})}],
         "images": [{"name": "genpi", "newName": "reg/genpi", "newTag": "2"}]}))
-    c, m = k8s.kustomize_build(tmp_path / "o")
+    c, m = kz.kustomize_build(tmp_path / "o")
     g = c["spec"]["workerGroupSpecs"][0]
     assert g["maxReplicas"] == 4 and g["template"]["spec"]["tolerations"] == [{"key": "g"}]
     assert g["template"]["spec"]["containers"][0]["image"] == "reg/genpi:2"
     assert m["data"] == {"a": "1", "b": "3", "c": "4"}
     (tmp_path / "o" / "kustomization.yaml").write_text("resources: [../base]\nnamePrefix: x-\n")
-    with pytest.raises(k8s.KustomizeError, match="namePrefix"):
-        k8s.kustomize_build(tmp_path / "o")
-    with pytest.raises(k8s.KustomizeError, match="no value"):
-        k8s.json6902({"a": {}}, [{"op": "replace", "path": "/a/b", "value": 1}])
+    with pytest.raises(kz.KustomizeError, match="namePrefix"):
+        kz.kustomize_build(tmp_path / "o")
+    with pytest.raises(kz.KustomizeError, match="no value"):
+        kz.json6902({"a": {}}, [{"op": "replace", "path": "/a/b", "value": 1}])
 
 
 # --- CRD schemas --------------------------------------------------------------------------------
@@ -224,7 +379,7 @@ def test_serve_config_v2_is_a_valid_serve_config_made_from_the_profile_config(kd
     ServeDeploySchema.model_validate(parsed)
     for app in parsed["applications"]:
         _import_path_exists(app["import_path"])
-    cfg_path = k8s.config_path(PROFILE_OF[kdir])
+    cfg_path = P.config_path(PROFILE_OF[kdir])
     # The same function `genpi serve` uses, on the same config: the two cannot drift.
     assert parsed == serve_config(load_config(cfg_path))
     from genpi.cli import main
@@ -261,17 +416,18 @@ def test_rayjob_runs_the_batch_job_and_cleans_up(kdir):
     env = yaml.safe_load(job["runtimeEnvYAML"])
     assert isinstance(env, dict)
     RuntimeEnv(**env)  # raises on unknown or malformed fields
-    assert env["env_vars"] == k8s.runtime_env()["env_vars"]
+    # The env vars `ray job submit --runtime-env cluster/runtime_env.yaml` uses too.
+    assert env["env_vars"] == cluster_runtime_env()["env_vars"]
     # The entrypoint's files exist in the repository at the path the image puts it, and the
     # folders it reads are mounted in the head pod where the driver runs.
     words = job["entrypoint"].split()
     assert not set(job["entrypoint"]) & set(";&|$`<>"), "the submitter's shell would interpret these"
-    script = next(w for w in words if w.startswith(k8s.APP_DIR))
-    assert (REPO / os.path.relpath(script, k8s.APP_DIR)).is_file(), script
+    script = next(w for w in words if w.startswith(B.APP_DIR))
+    assert (REPO / os.path.relpath(script, B.APP_DIR)).is_file(), script
     args = dict(zip(words, words[1:]))
     mounts = {m["mountPath"] for m in job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert args["--manifest"] in mounts and os.path.dirname(args["--config"]) in mounts
-    cfg = load_config(k8s.config_path(PROFILE_OF[kdir]))
+    cfg = load_config(P.config_path(PROFILE_OF[kdir]))
     assert cfg.store.startswith("s3://") and cfg.cluster.resource_wait_s > 0
     assert ("internalize_and_export.sh" in script) == (cfg.serve.backend == "vllm")
 
@@ -289,7 +445,7 @@ def test_prompts_configmap_holds_valid_manifests(tmp_path):
 def test_autoscaling_worker_groups_have_replica_bounds(kdir):
     for name, spec in cluster_specs(kdir):
         assert spec["enableInTreeAutoscaling"] is True, name
-        assert spec["rayVersion"] == k8s.RAY_VERSION
+        assert spec["rayVersion"] == P.ray_version()
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", f"{name}: no work on the head"
         assert spec["workerGroupSpecs"], name
         for g in spec["workerGroupSpecs"]:
@@ -327,7 +483,7 @@ def test_gpu_placement_only_in_the_gpu_overlay():
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
             gpu_groups += 1
     assert gpu_groups == 3
-    cfg = load_config(k8s.config_path("gpu-prod"))
+    cfg = load_config(P.config_path("gpu-prod"))
     assert cfg.engine.kind == "vllm" and cfg.cluster.gpus_per_engine_actor >= 1 and cfg.cluster.resource_wait_s >= 600
 
 
@@ -338,7 +494,7 @@ def test_no_secret_value_in_any_manifest(monkeypatch):
     sentinel = "genpi-sentinel-Zq8xW3"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", sentinel)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + "SENTINEL0000000")
-    texts = {**k8s.generate(), **{str(p): p.read_text() for p in (REPO / "k8s").rglob("*.yaml")}}
+    texts = {**output.generate(), **{str(p): p.read_text() for p in (REPO / "k8s").rglob("*.yaml")}}
     texts.update({str(p): p.read_text() for p in (REPO / "cluster").rglob("*.yaml")})
     for name, text in texts.items():
         assert sentinel not in text and "SENTINEL" not in text, name
@@ -351,7 +507,7 @@ def test_no_secret_value_in_any_manifest(monkeypatch):
                 for e in c.get("env", []):
                     n_env += 1
                     if CREDENTIAL.search(e["name"]):
-                        assert "value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == k8s.S3_SECRET, (name, e)
+                        assert "value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == B.S3_SECRET, (name, e)
         assert n_env >= 4 * 6
         for d in docs_of(kdir, "RayJob"):
             env_vars = yaml.safe_load(d["spec"]["runtimeEnvYAML"]).get("env_vars", {})
@@ -367,11 +523,11 @@ def test_every_pod_reads_the_credentials_from_the_secret():
             if "submitter" in name:
                 continue  # it only calls the dashboard; the driver and workers read the store
             env = {e["name"]: e for e in tpl["spec"]["containers"][0]["env"]}
-            for key in k8s.SECRET_KEYS:
-                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": k8s.S3_SECRET, "key": key}, name
+            for key in B.SECRET_KEYS:
+                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": B.S3_SECRET, "key": key}, name
             assert env["AWS_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["optional"] is True
     dev = {d["metadata"]["name"]: d for d in docs_of("overlays/dev-cpu", "ConfigMap")}
-    assert dev[k8s.S3_ENDPOINT_CONFIGMAP]["data"]["AWS_ENDPOINT_URL"].startswith("http")
+    assert dev[B.S3_ENDPOINT_CONFIGMAP]["data"]["AWS_ENDPOINT_URL"].startswith("http")
 
 
 # --- cluster/ -----------------------------------------------------------------------------------
@@ -380,7 +536,7 @@ def test_every_pod_reads_the_credentials_from_the_secret():
 def test_runtime_env_file_is_valid_and_ships_the_repository():
     from ray.runtime_env import RuntimeEnv
 
-    env = k8s.runtime_env()
+    env = cluster_runtime_env()
     RuntimeEnv(**env)
     assert env["working_dir"] == "."
     assert {".git", ".cache"} <= set(env["excludes"])
@@ -392,18 +548,18 @@ def test_dockerfile_uses_the_pinned_ray_and_the_gpu_extra():
 
     text = (REPO / "cluster" / "Dockerfile").read_text()
     base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\S+)$", text, re.M)
-    assert base and base.group(1).startswith(ray.__version__ + "-") and ray.__version__ == k8s.RAY_VERSION
+    assert base and base.group(1).startswith(ray.__version__ + "-") and ray.__version__ == P.ray_version()
     assert "ray[llm]==" + ray.__version__ in (REPO / "pyproject.toml").read_text()
     assert re.search(r"^ARG EXTRAS=gpu,s3$", text, re.M) and '".[${EXTRAS}]"' in text
-    assert f"WORKDIR {k8s.APP_DIR}" in text
+    assert f"WORKDIR {B.APP_DIR}" in text
     for folder in ("jobs", "cluster", "examples", "genpi"):
         assert re.search(rf"^COPY .*\b{folder} \./{folder}$", text, re.M), folder
     # The images the manifests name are the ones the Dockerfile's comments tell how to build.
     for kdir in KUSTOMIZATIONS:
         for name, tpl in pod_templates(kdir):
             image = tpl["spec"]["containers"][0]["image"]
-            assert image.split(":")[0] == k8s.IMAGE and f"-t {image} " in text.replace("\\\n", " ") or \
-                image == f"{k8s.IMAGE}:{k8s.IMAGE_TAG}", (name, image)
+            assert image.split(":")[0] == P.profiles().image and f"-t {image} " in text.replace("\\\n", " ") or \
+                image == f"{P.profiles().image}:{P.genpi_version()}", (name, image)
 
 
 def test_cluster_launcher_yaml_validates_against_rays_schema():
@@ -411,7 +567,7 @@ def test_cluster_launcher_yaml_validates_against_rays_schema():
 
     cfg = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
     validate_config(prepare_config(cfg))  # what `ray up` does before it touches a machine
-    assert cfg["docker"]["image"] == f"{k8s.IMAGE}:{k8s.IMAGE_TAG}"
+    assert cfg["docker"]["image"] == f"{P.profiles().image}:{P.genpi_version()}"
     assert len(cfg["provider"]["worker_ips"]) == cfg["max_workers"]
     assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
     assert "--gpus all" in cfg["docker"]["worker_run_options"]

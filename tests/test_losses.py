@@ -20,6 +20,7 @@ from genpi.train.losses import (
     mean_token_ce,
     mean_topk_kl,
     token_ce,
+    token_scale,
     topk_kl,
 )
 
@@ -268,14 +269,15 @@ def test_topk_kl_gradients_flow_through_a_model(tiny_llama):
     mask = torch.ones(2, 10, dtype=torch.bool)
     labels = input_ids.clone()
     logits = model(input_ids=input_ids).logits
-    total, logs = joint_loss(
-        {"kl": topk_kl(logits, ids, lps, mask), "sft": token_ce(logits, labels)}, {"kl": 1.0, "sft": 0.5}
-    )
-    total.backward()
+    (kl_sum, kl_n), (ce_sum, ce_n) = topk_kl(logits, ids, lps, mask), token_ce(logits, labels)
+    sums = torch.stack([ce_sum.sum(), torch.zeros(()), kl_sum.sum()])[None]  # [1, (sft, pg, kl)]
+    counts = torch.stack([ce_n.sum(), torch.zeros((), dtype=torch.long), kl_n.sum()])[None]
+    total, means = joint_loss(sums, counts, (0.5, 0.0, 1.0))
+    total.sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
-    assert logs["kl"] > 0 and logs["sft_tokens"] == 18.0
+    assert means[0, 2].item() > 0 and counts[0, 0].item() == 18
 
 
 def test_topk_kl_rejects_bad_shapes():
@@ -319,31 +321,44 @@ def test_full_kl_teacher_zero_probabilities_are_not_nan():
 
 
 def test_joint_loss_weighted_per_token_means():
-    sft = (torch.tensor([3.0, 1.0]), torch.tensor([2, 2]))  # mean 1.0
-    pg = (torch.tensor([6.0, 0.0]), torch.tensor([3, 0]))  # mean 2.0
-    kl = (torch.tensor([5.0]), torch.tensor([1]))  # weight 0: logged, not in total
-    empty = (torch.tensor([0.0]), torch.tensor([0]))  # no tokens: skipped
-    total, logs = joint_loss(
-        {"sft": sft, "pg": pg, "kl": kl, "empty": empty}, {"sft": 0.7, "pg": 0.3, "kl": 0.0, "empty": 1.0}
-    )
-    assert total.item() == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)
-    assert logs == pytest.approx(
-        {"sft": 1.0, "sft_tokens": 4.0, "pg": 2.0, "pg_tokens": 3.0, "kl": 5.0, "kl_tokens": 1.0,
-         "empty_tokens": 0.0, "loss": 1.3}
-    )
+    # Parts sft, pg, kl, empty: sft mean 1.0 over 4 tokens, pg mean 2.0 over 3, kl weight 0
+    # (logged, not in the total), empty has no tokens (skipped, mean 0 instead of NaN).
+    sums = torch.tensor([[3.0 + 1.0, 6.0 + 0.0, 5.0, 0.0]])
+    counts = torch.tensor([[4, 3, 1, 0]])
+    weights = (0.7, 0.3, 0.0, 1.0)
+    total, means = joint_loss(sums, counts, weights)
+    assert total.tolist() == pytest.approx([0.7 * 1.0 + 0.3 * 2.0])
+    assert means.tolist() == [[1.0, 2.0, 5.0, 0.0]]
+    # token_scale is the same accounting per token: sum of loss_t * scale = the joint loss.
+    scale = token_scale(counts, weights)
+    assert scale[0].tolist() == pytest.approx([0.7 / 4, 0.3 / 3, 0.0, 0.0])
+    assert (sums * scale).sum().item() == pytest.approx(1.3)
+
+
+def test_joint_loss_is_each_adapters_own_per_token_mean():
+    """Two adapters with very different token counts: each gets its own means, never a
+    mean over the pack (a long adapter must not dilute a short one)."""
+    sums = torch.tensor([[10.0, 0.0, 4.0], [1.0, 9.0, 0.0]])
+    counts = torch.tensor([[100, 0, 2], [1, 3, 0]])
+    total, means = joint_loss(sums, counts, (0.5, 0.1, 1.0))
+    assert total.tolist() == pytest.approx([0.5 * 0.1 + 1.0 * 2.0, 0.5 * 1.0 + 0.1 * 3.0])
+    assert means.flatten().tolist() == pytest.approx([0.1, 0.0, 2.0, 1.0, 3.0, 0.0])
 
 
 def test_joint_loss_missing_weight_is_an_error_and_extra_weight_is_fine():
-    with pytest.raises(KeyError, match="pg"):
-        joint_loss({"pg": (torch.ones(1), torch.ones(1))}, {"sft": 1.0})
-    total, _ = joint_loss({"sft": (torch.ones(1), torch.ones(1))}, {"sft": 1.0, "pg": 0.5})
+    with pytest.raises(ValueError, match="weights"):
+        joint_loss(torch.ones(1, 2), torch.ones(1, 2), (1.0,))
+    with pytest.raises(ValueError, match="weights"):
+        token_scale(torch.ones(1, 3), (1.0, 0.5))
+    # A weight for a part that has no tokens in this step (e.g. no PG example) is fine.
+    total, _ = joint_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 0]]), (1.0, 0.5))
     assert total.item() == 1.0
 
 
 def test_joint_loss_all_skipped_still_backpropagates_zero():
     logits = torch.randn(1, 3, 5, requires_grad=True)
-    parts = {"sft": token_ce(logits, torch.full((1, 3), IGNORE_INDEX))}
-    total, logs = joint_loss(parts, {"sft": 1.0})
-    assert total.item() == 0.0 and logs["loss"] == 0.0
-    total.backward()
+    ce_sum, n = token_ce(logits, torch.full((1, 3), IGNORE_INDEX))
+    total, means = joint_loss(ce_sum.sum().view(1, 1), n.sum().view(1, 1), (1.0,))
+    assert total.item() == 0.0 and means.item() == 0.0
+    total.sum().backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))

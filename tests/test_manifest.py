@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from genpi.manifest import (
-    JsonCheck,
-    LanguageCheck,
-    ManifestError,
-    PromptEntry,
-    RegexCheck,
-    load_manifest,
-    validate_prompt_lengths,
-)
+from genpi.checks import JsonCheck, LanguageCheck, RegexCheck
+from genpi.manifest import ManifestError, PromptEntry, load_manifest, validate_prompt_lengths
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts"
 
@@ -346,6 +339,55 @@ def test_validate_overrides_with_real_config(tmp_path):
     assert "entry 1 (id=a" in msg and "field 'overrides'" in msg and "epochs" in msg
     g = write(tmp_path / "y.yaml", "id: b\nprompt: B\noverrides: {train.epochs: 5}\n")
     assert load_manifest(g, validate_overrides=lambda o: config.GenpiConfig().with_overrides(o))
+
+
+# --------------------------------------------------------------------------- values as written (YAML 1.2)
+
+
+def test_string_fields_get_the_text_written(tmp_path):
+    f = write(
+        tmp_path / "x.yaml",
+        "id: 0123\nprompt: 1.50\nseed_inputs: [yes, no, off, 007]\n"
+        "checks:\n  - {type: language, lang: no}\n  - {type: starts_with, text: 007, name: 1.0}\n"
+        "  - {type: json, required_keys: [01, true]}\n  - {type: max_length, max_chars: 010}\n"
+        "description: null\n",
+    )
+    [entry] = load_manifest(f)
+    assert entry.id == "0123" and entry.prompt == "1.50"
+    assert entry.seed_inputs == ["yes", "no", "off", "007"]
+    lang, starts, js, length = entry.checks
+    assert lang.lang == "no" and (starts.text, starts.name) == ("007", "1.0")
+    assert js.required_keys == ["01", "true"]
+    assert length.max_chars == 10 and entry.description is None  # typed fields keep their types
+    # JSON numbers keep their text as well (written by hand: json.dumps would write 1.5).
+    j = write(tmp_path / "x.jsonl", '{"id": 2024, "prompt": "P", "checks": [{"type": "json", "name": 1.50}]}\n')
+    [entry] = load_manifest(j)
+    assert entry.id == "2024" and entry.checks[0].name == "1.50"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "id: a\nprompt: A\noverrides: {train.pg_target: off, model.revision: 0123456, train.epochs: 2}\n",
+        "id: a\nprompt: A\noverrides:\n  train: {pg_target: off, epochs: 2}\n  model:\n    revision: 0123456\n",
+    ],
+)
+def test_overrides_get_the_text_written(tmp_path, text):
+    config = pytest.importorskip("genpi.config")
+    f = write(tmp_path / "x.yaml", text)
+    [entry] = load_manifest(f, validate_overrides=lambda o: config.GenpiConfig().with_overrides(o))
+    cfg = config.GenpiConfig().with_overrides(entry.overrides)
+    assert cfg.train.pg_target == "off" and cfg.model.revision == "0123456" and cfg.train.epochs == 2
+    # As stored (spec.json round trip): still the string.
+    assert "0123456" in json.dumps(entry.model_dump(mode="json"))
+
+
+def test_jsonl_overrides_and_norwegian_check(tmp_path):
+    line = {"id": "nb", "prompt": "Svar på norsk.", "checks": [{"type": "language", "lang": "no"}],
+            "overrides": {"model.revision": "0123456", "train.epochs": 3}}
+    f = write(tmp_path / "m.jsonl", json.dumps(line) + "\n")
+    [entry] = load_manifest(f)
+    assert entry.checks[0].lang == "no" and entry.overrides == {"model.revision": "0123456", "train.epochs": 3}
 
 
 def test_validate_prompt_lengths(tmp_path):

@@ -22,10 +22,9 @@ from genpi.engines.hf import HFEngine
 from genpi.manifest import PromptEntry
 from genpi.models import load_model
 from genpi.store import Store
-from genpi.synth.pipeline import COMPLETE, load_synth, synthesize
+from genpi.synth.pipeline import COMPLETE
 from genpi.synth.replies import student_messages, teacher_messages
 from genpi.train.data import collate, encode_chat
-from genpi.train.loop import batch_loss, build_examples, train_adapter
 from genpi.train.losses import IGNORE_INDEX, topk_kl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,65 +46,6 @@ def _fp_dirs(store: Path, prompt_id: str) -> list[Path]:
 def _load(tiny_model_dir):
     model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
     return model, tok
-
-
-# ------------------------------------------------------------------------------------------
-def test_few_steps_lower_joint_loss(tiny_config, tiny_model_dir, tiny_seeds, tmp_path):
-    """Synthesize with the tiny model, then a few epochs at a high LR on the same batches
-    must lower the joint loss, and the saved adapter must carry that improvement."""
-    from peft import PeftModel
-
-    cfg = tiny_config.with_overrides(
-        {"train.epochs": 8, "train.lr": 1e-2, "train.warmup_ratio": 0.0, "train.batch_size": 16}
-    )
-    model, tok = _load(tiny_model_dir)
-    store = Store(tmp_path / "store")
-    entry = PromptEntry(id="pirate", prompt=PROMPT, seed_inputs=tiny_seeds)
-    pdir = store.prompt_dir(entry.id, "fp")
-    synthesize(HFEngine(model, tok, cfg.engine.batch_size), entry, cfg, store, pdir)
-    ts = build_examples(tok, load_synth(store, pdir), entry.prompt, cfg.train)
-    sft = [ex for kind, ex in ts.examples if kind == "sft"]
-    assert sft and any(kind == "pg" for kind, _ in ts.examples)
-    assert all(ex.kl_ids is not None for ex in sft), "teacher top-k did not reach the training examples"
-
-    pad = tok.pad_token_id
-    batch = collate(sft, pad)
-    with torch.no_grad():
-        before, before_logs = batch_loss(model, "sft", batch, cfg.train)
-    assert {"sft", "kl", "loss"} <= set(before_logs)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    out_dir = tmp_path / "adapter"
-    stats = train_adapter(model, tok, ts, cfg.train, str(out_dir))
-
-    # One sft batch and one pg batch per epoch (batch_size >= examples): the same batches every
-    # epoch, so first and last losses of each kind are comparable.
-    for kind in ("sft", "pg"):
-        losses = [h["loss"] for h in stats["history"] if h["kind"] == kind]
-        assert len(losses) == cfg.train.epochs
-        assert losses[-1] < 0.8 * losses[0], f"{kind} loss did not drop: {losses}"
-    assert stats["steps"] == 2 * cfg.train.epochs
-    # Training leaves the shared base model exactly as it was.
-    assert set(model.state_dict()) == set(base_state)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, base_state[k]), f"base weight {k} changed"
-
-    # The saved adapter (plain PEFT) has learned what the history says.
-    peft_model = PeftModel.from_pretrained(model, str(out_dir))
-    try:
-        with torch.no_grad():
-            after, after_logs = batch_loss(peft_model, "sft", batch, cfg.train)
-    finally:
-        peft_model.unload()
-    assert float(after) < 0.8 * float(before), (before_logs, after_logs)
-    assert after_logs["sft"] < before_logs["sft"]
-
-    # The KL term alone is trainable too. (In the joint run above it may rise: memorising
-    # the sampled tokens sharpens the student beyond the teacher's broad distribution.)
-    kl_only = cfg.train.model_copy(update={"w_sft": 0.0, "w_pg": 0.0})
-    stats = train_adapter(model, tok, ts, kl_only, str(tmp_path / "kl-adapter"))
-    kls = [h["kl"] for h in stats["history"] if h["kind"] == "sft"]
-    assert kls[-1] < 0.8 * kls[0], kls
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,8 +148,9 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
 
     ev = json.loads((fpdir / "eval.json").read_text())
     assert ev["prompt_id"] == "pirate" and ev["n_heldout"] == 2
-    for metric in ("kl", "agreement", "check:arr"):
+    for metric in ("kl", "agreement"):
         assert {"teacher", "base", "adapter", "ratio"} <= set(ev["metrics"][metric]), metric
+    assert {"teacher", "base", "adapter", "ratio"} <= set(ev["checks"]["arr"])
     assert ev["metrics"]["kl"]["teacher"] == 0.0 and ev["metrics"]["kl"]["base"] > 0
     assert {"input_tokens_with_prompt", "input_tokens_without_prompt", "input_tokens_saved_per_request",
             "prefill_flops_saved_per_request", "latency_with_prompt", "latency_adapter_without_prompt"} \
@@ -251,7 +192,8 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
     assert rc == 0, err
     assert eval_path.stat().st_mtime_ns > mtime
     assert "pirate" in out and "internalization ratio" in out
-    assert json.loads(eval_path.read_text())["metrics"].keys() == ev["metrics"].keys()
+    again = json.loads(eval_path.read_text())
+    assert again["metrics"].keys() == ev["metrics"].keys() and again["checks"].keys() == ev["checks"].keys()
 
     # --force redoes every stage of an unchanged prompt under the same fingerprint.
     # (write_manifest rewrote the manifest file with the changed prompt: new_dir is its fingerprint.)
@@ -339,7 +281,7 @@ def test_eval_survives_teacher_replies_without_text(smollm_tokenizer, tiny_confi
     replies = HFEngine(peft_model, tok).generate([ChatRequest(teacher_messages(PROMPT, x), 8) for x in tiny_seeds[:2]])
     assert all(not c.text for c in replies)  # the situation under test
     ev = evaluate(peft_model, tok, entry, tiny_seeds[:2], "adapter", tiny_config)
-    assert ev["metrics"]["kl"]["ratio"] is None
+    assert ev.metrics.kl.ratio is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,86 +311,3 @@ def test_long_agent_prompt_is_internalized_without_truncation(tiny_overrides, tm
     assert pg and not ts.dropped.get("pg_too_long")
     target = tok.decode([t for t in pg[0].labels if t != -100])
     assert entry.prompt.strip()[-200:] in target and target.rstrip().endswith("<|im_end|>")
-
-
-# ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["sft", "pg"])
-def test_micro_batches_give_the_whole_batch_gradient(tiny_llama, kind):
-    """A batch over train.max_batch_tokens runs as micro-batches; the loss it reports and the
-    gradient it leaves are those of the whole batch at once (per-token means over the batch)."""
-    import random
-
-    from peft import get_peft_model
-
-    from genpi.config import TrainConfig
-    from genpi.train.data import EncodedExample
-    from genpi.train.loop import backward_batch, lora_config, micro_batches
-
-    rnd = random.Random(0)
-
-    def example(n_prompt, n_target):
-        ids = [rnd.randrange(2, 128) for _ in range(n_prompt + n_target)]
-        labels = [-100] * n_prompt + ids[n_prompt:]
-        mask = [False] * n_prompt + [True] * n_target
-        rows = [[t, *rnd.sample(range(2, 128), 4)] if m else [] for t, m in zip(ids, mask)]
-        lps = [[-0.4, -2.0, -2.5, -3.0, -3.5] if m else [] for m in mask]
-        kl = kind == "sft"
-        return EncodedExample(ids, labels, mask, rows if kl else None, lps if kl else None, n_target)
-
-    exs = [example(rnd.randint(5, 30), rnd.randint(3, 20)) for _ in range(6)]
-    model = get_peft_model(tiny_llama(), lora_config(TrainConfig(lora_r=4)))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make every LoRA-A gradient zero
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run(max_tokens):
-        cfg = TrainConfig(max_batch_tokens=max_tokens, w_sft=0.5, w_pg=0.3, w_kl=1.0)
-        for p in params:
-            p.grad = None
-        loss, logs = backward_batch(model, kind, exs, 0, cfg, "cpu")
-        return float(loss), logs, [p.grad.clone() for p in params]
-
-    whole_loss, whole_logs, whole_grads = run(10_000)
-    assert len(micro_batches(exs, 60)) >= 3
-    split_loss, split_logs, split_grads = run(60)
-    assert split_logs["micro_batches"] >= 3 and "micro_batches" not in whole_logs
-    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
-    for name in ("sft", "kl") if kind == "sft" else ("pg",):
-        assert split_logs[name] == pytest.approx(whole_logs[name], rel=1e-5)
-        assert split_logs[f"{name}_tokens"] == whole_logs[f"{name}_tokens"]
-    for a, b in zip(split_grads, whole_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    # An example longer than the budget is never cut: it forms a micro-batch of its own.
-    assert [len(g) for g in micro_batches(exs, 10)] == [1] * len(exs)
-
-
-def test_micro_batches_count_kl_only_where_teacher_rows_are(tiny_llama):
-    """A micro-batch without any teacher top-k rows has no KL part; the whole batch's KL mean
-    is still taken over the rows that exist (no KeyError, same value as unsplit)."""
-    import random
-
-    from peft import get_peft_model
-
-    from genpi.config import TrainConfig
-    from genpi.train.data import EncodedExample
-    from genpi.train.loop import backward_batch, lora_config
-
-    rnd = random.Random(1)
-
-    def example(with_kl):
-        ids = [rnd.randrange(2, 128) for _ in range(20)]
-        mask = [False] * 10 + [with_kl] * 10
-        rows = [[t, *rnd.sample(range(2, 128), 3)] if m else [] for t, m in zip(ids, mask)]
-        lps = [[-0.5, -2.0, -2.5, -3.0] if m else [] for m in mask]
-        return EncodedExample(ids, [-100] * 10 + ids[10:], mask, rows if with_kl else None,
-                              lps if with_kl else None, 10)
-
-    exs = [example(False), example(False), example(True), example(True)]  # first chunk has no KL
-    model = get_peft_model(tiny_llama(), lora_config(TrainConfig(lora_r=4)))
-    whole = backward_batch(model, "sft", exs, 0, TrainConfig(max_batch_tokens=1000), "cpu")[1]
-    split = backward_batch(model, "sft", exs, 0, TrainConfig(max_batch_tokens=40), "cpu")[1]
-    assert split["micro_batches"] == 2
-    assert split["kl_tokens"] == whole["kl_tokens"] == 20  # positions 10..19 of the two KL examples
-    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-5)
-    assert split["sft"] == pytest.approx(whole["sft"], rel=1e-5)

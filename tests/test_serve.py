@@ -28,8 +28,9 @@ import yaml
 
 from genpi.cli import main
 from genpi.config import ConfigError, load_config
-from genpi.serve.adapters import AdapterRegistry, prompt_tokens_saved
-from genpi.serve.openai import MODEL_ID_RE, ApiError, parse_chat_request
+from genpi.chat import ID_RE, prompt_tokens_saved, student_messages, teacher_messages
+from genpi.serve.adapters import AdapterRegistry
+from genpi.serve.openai import ApiError, parse_chat_request
 from genpi.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -175,17 +176,50 @@ def server(ray_local, published):
 def test_light_modules_import_no_ray_or_torch():
     import subprocess
 
-    code = ("import sys, genpi, genpi.cli, genpi.serve.openai, genpi.serve.adapters, genpi.serve.deploy, "
-            "genpi.serve.llm, genpi.serve.backend; "
+    code = ("import sys, genpi, genpi.chat, genpi.cli, genpi.serve.openai, genpi.serve.adapters, "
+            "genpi.serve.config, genpi.serve.backend; "
             "print(sorted(m for m in ('ray', 'torch', 'vllm', 'fastapi') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_model_id_rule_is_the_manifests():
-    from genpi.manifest import _ID_RE
+    """The manifest accepts exactly the ids serving accepts (one rule, genpi.chat.valid_id)."""
+    from pydantic import ValidationError
 
-    assert MODEL_ID_RE.pattern == _ID_RE.pattern
+    from genpi.chat import valid_id
+    from genpi.manifest import PromptEntry
+
+    for pid in ["pirate", "a.b-c_1", "x" * 128, "x" * 129, "../etc", "a..b", "-a", "", "a/b", "a\n", "é"]:
+        try:
+            PromptEntry(id=pid, prompt="Be nice.")
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert accepted == valid_id(pid) == bool(ID_RE.fullmatch(pid) and ".." not in pid), pid
+
+
+def test_every_stage_takes_the_message_rule_from_genpi_chat():
+    """Synthesis, role-play, training, evaluation and serving build the teacher's and the
+    student's messages with the one rule in genpi.chat, not a copy of it."""
+    import genpi.chat as chat
+    import genpi.eval.run as eval_run
+    import genpi.serve.backend as backend
+    import genpi.synth.replies as replies
+    import genpi.synth.roleplay as roleplay
+    import genpi.train.loop as loop
+    from genpi.config import EngineConfig, SynthConfig
+
+    assert eval_run.teacher_messages is chat.teacher_messages and eval_run.student_messages is chat.student_messages
+    assert loop.student_messages is chat.student_messages and backend.prompt_tokens_saved is chat.prompt_tokens_saved
+    synth = SynthConfig(teacher_samples=0)
+    (to_be,) = replies.to_be_requests("P", ["x"], synth, EngineConfig())
+    (as_is,) = replies.as_is_requests(["x"], synth)
+    assert to_be.messages == teacher_messages("P", "x") and as_is.messages == student_messages("x")
+    conv = roleplay.Conversation(0, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+    assert roleplay.agent_messages("P", conv) == [*teacher_messages("P", "x"), {"role": "assistant", "content": "y"}]
+    # The student never sees the prompt, whatever the input.
+    assert all("P" not in m["content"] for m in student_messages("x"))
 
 
 @pytest.mark.parametrize("body, param", [
@@ -283,9 +317,11 @@ def test_only_done_adapters_are_served(tmp_path):
 
 
 def test_prompt_tokens_saved_counts_the_system_prompt(smollm_tokenizer):
+    from genpi.engines.base import render_chat
+
     tok = smollm_tokenizer
     long = "Always answer in French. " * 40
-    saved = prompt_tokens_saved(tok, long)
+    saved = prompt_tokens_saved(lambda messages: len(render_chat(tok, messages)), long)
     prompted = tok.apply_chat_template([{"role": "system", "content": long}, {"role": "user", "content": "hi"}],
                                        tokenize=True, add_generation_prompt=True)
     bare = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, add_generation_prompt=True)
@@ -297,7 +333,7 @@ def test_prompt_tokens_saved_counts_the_system_prompt(smollm_tokenizer):
 def test_serve_config_from_genpi_config(capsys, tmp_path):
     cfg = load_config(None, [f"store={tmp_path}", "serve.min_replicas=2", "serve.max_replicas=5",
                              "serve.target_ongoing_requests=3", "serve.cpus_per_replica=2", "serve.port=9001"])
-    from genpi.serve.deploy import serve_config
+    from genpi.serve.config import serve_config
 
     sc = serve_config(cfg)
     (app,) = sc["applications"]
@@ -320,8 +356,7 @@ def test_serve_config_from_genpi_config(capsys, tmp_path):
 def test_ray_serve_llm_config_boundary(tmp_path):
     """The GPU path's LLMConfig as data (vLLM cannot run here); ray.serve.llm's own pydantic
     models check it when they can be imported (they need vllm)."""
-    from genpi.serve.deploy import serve_config
-    from genpi.serve.llm import llm_config
+    from genpi.serve.config import llm_config, serve_config
 
     cfg = load_config(None, ["store=s3://bucket/genpi", "serve.backend=vllm", "serve.max_adapters_per_replica=4",
                              "serve.max_lora_rank=32", "serve.max_cpu_loras=16", "serve.min_replicas=1",
@@ -348,7 +383,7 @@ def test_ray_serve_llm_config_boundary(tmp_path):
 
 def test_export_lora_layout_for_ray_serve_llm(published, tmp_path):
     """The store -> <uri>/<id>/ layout Ray Serve LLM lists and loads, on an object store (memory://)."""
-    from genpi.serve.llm import export_lora_layout
+    from genpi.serve.adapters import export_lora_layout
 
     uri = f"memory://genpi-test-{tmp_path.name}"
     cfg = load_config(None, [f"store={published['store']}", f"serve.lora_export_uri={uri}"])
@@ -396,10 +431,21 @@ def test_reply_equals_library_greedy_generation(server, library, published):
             if model_id:
                 spec = Store(published["store"]).read_json(
                     f"{Store(published['store']).prompt_dir(model_id, body['genpi']['fingerprint'])}/spec.json")
-                assert body["genpi"]["prompt_tokens_saved"] == prompt_tokens_saved(library.tok, spec["entry"]["prompt"])
+                assert body["genpi"]["prompt_tokens_saved"] == prompt_tokens_saved(library.engine.count_prompt_tokens,
+                                                                                   spec["entry"]["prompt"])
     # The comparison means something only if the three behave differently.
     for q in QUESTIONS[:2]:
         assert len({refs[("pirate", q)], refs[("french.v1", q)], refs[(None, q)]}) == 3
+
+
+def test_served_tokens_saved_is_what_evaluation_measured(server, published):
+    """Serving's saved-token count for an adapter equals the teacher-vs-student difference
+    evaluation measured on that prompt's held-out inputs (both through genpi.chat)."""
+    store = Store(published["store"])
+    for model_id in PROMPTS:
+        body = server["client"].post("/v1/chat/completions", json=_chat(model_id, QUESTIONS[0])).json()
+        ev = store.read_json(f"{store.prompt_dir(model_id, body['genpi']['fingerprint'])}/eval.json")
+        assert body["genpi"]["prompt_tokens_saved"] == ev["efficiency"]["input_tokens_saved_per_request"]
 
 
 def test_concurrent_burst_has_no_cross_talk(server, library):

@@ -33,7 +33,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def synthesized(ray_local, tmp_path_factory):
-    from genpi.synth.ray_data import RayDataRunner
+    from genpi.pipeline.ray_runner import RayRunner
 
     cfg = load_config(None, SMALL)
     store = Store(tmp_path_factory.mktemp("synth-ray") / "store")
@@ -43,7 +43,7 @@ def synthesized(ray_local, tmp_path_factory):
     broken = cfg.with_overrides({"synth.min_input_chars": 299, "synth.max_input_chars": 300})
     jobs.append(SynthJob(PromptEntry(id="broken", prompt="Be nice.", seed_inputs=SEEDS), broken,
                          store.prompt_dir("broken", "fp")))
-    results = synthesize_many(jobs, store, RayDataRunner(cfg), progress=False)
+    results = synthesize_many(jobs, store, RayRunner(cfg, None).synth_runner(), progress=False)
     print(format_summaries(results))
     return cfg, store, jobs, results
 
@@ -134,16 +134,19 @@ def test_agent_turns_come_from_the_prompted_model_env_turns_from_the_swapped_vie
 
 
 def test_second_run_reuses_everything(synthesized, ray_local):
-    from genpi.synth.ray_data import RayDataRunner
+    from genpi.pipeline.ray_runner import RayRunner
 
     cfg, store, jobs, _ = synthesized
-    again = synthesize_many(jobs[:3], store, RayDataRunner(cfg), progress=False)
+    again = synthesize_many(jobs[:3], store, RayRunner(cfg, None).synth_runner(), progress=False)
     assert all(r.get("skipped") for r in again.values())
 
 
-def test_missing_gpus_fail_fast_with_what_is_missing(ray_local):
-    from genpi.synth.ray_data import RayDataRunner, ResourceError
+def test_missing_gpus_fail_fast_with_what_is_missing(ray_local, tmp_path):
+    from genpi.pipeline.ray_runner import RayRunner, ResourceError
 
     cfg = GenpiConfig().with_overrides({"cluster.gpus_per_engine_actor": 1})
-    with pytest.raises(ResourceError, match=r"1 GPU.*cluster.gpus_per_engine_actor.*0 GPU"):
-        RayDataRunner(cfg)
+    # The error names the stage that needs the resources: synthesis and evaluation share the pool.
+    with pytest.raises(ResourceError, match=r"^synthesis needs .*1 GPU.*cluster.gpus_per_engine_actor.*0 GPU"):
+        RayRunner(cfg, None).synth_runner()
+    with pytest.raises(ResourceError, match=r"^evaluation needs .*1 GPU"):
+        list(RayRunner(cfg, None).evaluate([], Store(str(tmp_path / "s"))))

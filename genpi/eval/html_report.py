@@ -12,6 +12,9 @@ import io
 import time
 from html import escape
 
+from genpi.eval.fmt import fmt
+from genpi.eval.result import EvalResult
+
 STAGES = ("synth", "train", "eval")
 STATUS_COLOURS = {"published": "#2e7d32", "skipped": "#757575", "failed": "#c62828"}
 PLOTS = (("ratios", "Internalization ratios", "no evaluated prompts"),
@@ -48,10 +51,11 @@ def _get(d, *keys):
     return d
 
 
-def _fmt(x, digits: int = 2, pct: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.0f}%" if pct else f"{x:.{digits}f}"
+def _eval(p: dict) -> EvalResult | None:
+    """A report.json prompt's evaluation as the typed record (report.json files written
+    before the record existed included)."""
+    ev = p.get("eval") if isinstance(p, dict) else None
+    return EvalResult.model_validate(ev) if ev else None
 
 
 def _duration(s) -> str:
@@ -60,10 +64,6 @@ def _duration(s) -> str:
     s = int(round(s))
     h, m = divmod(s // 60, 60)
     return f"{h}h {m:02d}m {s % 60:02d}s" if h else f"{m}m {s % 60:02d}s" if m else f"{s}s"
-
-
-def _checks(ev) -> dict[str, float | None]:
-    return {k[6:]: _get(v, "ratio") for k, v in (_get(ev, "metrics") or {}).items() if k.startswith("check:")}
 
 
 def _label(s: str) -> str:
@@ -85,9 +85,9 @@ def _png(fig) -> bytes:
 
 def plot_ratios(prompts: list[dict]) -> bytes | None:
     """Histogram of KL and check internalization ratios over the evaluated prompts."""
-    evaluated = [p for p in prompts if p.get("status") in ("published", "skipped") and p.get("eval")]
-    series = {"KL ratio": [_get(p["eval"], "metrics", "kl", "ratio") for p in evaluated],
-              "check ratios": [r for p in evaluated for r in _checks(p["eval"]).values()]}
+    evaluated = [ev for p in prompts if p.get("status") in ("published", "skipped") and (ev := _eval(p))]
+    series = {"KL ratio": [ev.metrics.kl.ratio for ev in evaluated],
+              "check ratios": [r for ev in evaluated for r in ev.check_ratios().values()]}
     series = {k: [v for v in vs if v is not None] for k, vs in series.items()}
     series = {k: vs for k, vs in series.items() if vs}
     if not series:
@@ -114,8 +114,8 @@ def plot_ratios(prompts: list[dict]) -> bytes | None:
 
 def plot_tokens_saved(prompts: list[dict]) -> bytes | None:
     """Scatter: input tokens saved per request against the prompt's length in tokens."""
-    pts = [(p.get("prompt_tokens"), _get(p.get("eval"), "efficiency", "input_tokens_saved_per_request"),
-            p.get("status")) for p in prompts]
+    saved = [ev.efficiency.input_tokens_saved_per_request if (ev := _eval(p)) else None for p in prompts]
+    pts = [(p.get("prompt_tokens"), s, p.get("status")) for p, s in zip(prompts, saved)]
     pts = [pt for pt in pts if pt[0] is not None and pt[1] is not None]
     if not pts:
         return None
@@ -168,12 +168,12 @@ def plot_stage_times(report: dict) -> bytes | None:
 
 
 def _row(p: dict) -> str:
-    ev, status = p.get("eval"), str(p.get("status", ""))
-    checks = _checks(ev)
+    ev, status = _eval(p), str(p.get("status", ""))
+    checks = ev.check_ratios() if ev else {}
     secs = p.get("seconds") or {}
 
     def num(x, digits=2, pct=False):
-        return f'<td data-v="{"" if x is None else x}">{_fmt(x, digits, pct)}</td>'
+        return f'<td data-v="{"" if x is None else x}">{fmt(x, digits, pct)}</td>'
 
     err = p.get("error") or ""
     if err and p.get("failed_stage"):
@@ -182,12 +182,12 @@ def _row(p: dict) -> str:
         f'<td class="t">{escape(str(p.get("id", "")))}</td>',
         f'<td class="status" style="background:{STATUS_COLOURS.get(status, "#1565c0")}">{escape(status)}</td>',
         num(p.get("prompt_tokens"), 0),
-        num(_get(ev, "metrics", "kl", "ratio")),
-        num(_get(ev, "metrics", "agreement", "ratio")),
-        '<td class="t">' + (", ".join(f"{escape(k)} {_fmt(v)}" for k, v in checks.items()) or "-") + "</td>",
-        num(_get(ev, "efficiency", "input_tokens_saved_per_request"), 0),
-        num(_get(ev, "efficiency", "input_tokens_saved_share"), pct=True),
-        num(_get(ev, "leak", "adapter")),
+        num(ev.metrics.kl.ratio if ev else None),
+        num(ev.metrics.agreement.ratio if ev else None),
+        '<td class="t">' + (", ".join(f"{escape(k)} {fmt(v)}" for k, v in checks.items()) or "-") + "</td>",
+        num(ev.efficiency.input_tokens_saved_per_request if ev else None, 0),
+        num(ev.efficiency.input_tokens_saved_share if ev else None, pct=True),
+        num(ev.leak.adapter if ev and ev.leak else None),
         *(num(secs.get(s), 1) for s in STAGES),
         f'<td class="err">{escape(err)}</td>',
     ]

@@ -1,15 +1,12 @@
-"""Human-readable plans, evaluation summaries and run reports (Markdown + JSON)."""
+"""Human-readable evaluation summaries and run reports (Markdown + JSON)."""
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import fields
 
-
-def _f(x, digits: int = 2, pct: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.0f}%" if pct else f"{x:.{digits}f}"
+from genpi.eval.fmt import fmt
+from genpi.eval.result import EvalResult
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -18,74 +15,86 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def print_plan(plans) -> None:
-    counts: dict[str, int] = {}
-    for p in plans:
-        counts[p.status] = counts.get(p.status, 0) + 1
-    print("plan: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for p in plans:
-        print(f"  {p.id:<24} {p.status:<10} fingerprint {p.fingerprint}")
+def _cells(ev: EvalResult | None) -> dict[str, str]:
+    """The headline figures of one prompt's evaluation as table cells ("n/a" where missing)."""
+    checks = ev.check_ratios() if ev else {}
+    return {"kl": fmt(ev.metrics.kl.ratio if ev else None),
+            "agreement": fmt(ev.metrics.agreement.ratio if ev else None),
+            "checks": ", ".join(f"{name}={fmt(r)}" for name, r in checks.items()) or "-",
+            "saved": fmt(ev.efficiency.input_tokens_saved_per_request if ev else None, 0),
+            "leak": fmt(ev.leak.adapter if ev and ev.leak else None)}
 
 
-def format_eval(ev: dict) -> str:
+def _ms(lat) -> str:
+    return "n/a" if lat is None else f"{1000 * lat.prefill_s:.0f} ms"
+
+
+def _s(lat) -> str:
+    return "n/a" if lat is None else f"{lat.generate_s:.2f} s"
+
+
+def format_eval(ev: EvalResult) -> str:
     """The evaluation of one prompt as a Markdown section."""
-    rows = []
-    for name, m in ev["metrics"].items():
-        better = "lower" if name == "kl" else "higher"
-        rows.append([name, _f(m["teacher"], 3), _f(m["base"], 3), _f(m["adapter"], 3), _f(m["ratio"]), better])
-    eff = ev["efficiency"]
+    scores = {"kl": ev.metrics.kl, "agreement": ev.metrics.agreement,
+              **{f"check {name}": m for name, m in ev.checks.items()}}
+    rows = [[name, fmt(m.teacher, 3), fmt(m.base, 3), fmt(m.adapter, 3), fmt(m.ratio),
+             "lower" if name == "kl" else "higher"] for name, m in scores.items()]
+    eff = ev.efficiency
+    gflops = "n/a" if eff.prefill_flops_saved_per_request is None else f"{eff.prefill_flops_saved_per_request / 1e9:.1f}"
+    lat_p, lat_a = eff.latency_with_prompt, eff.latency_adapter_without_prompt
     out = [
-        f"### {ev['prompt_id']} ({ev['n_heldout']} held-out inputs)",
+        f"### {ev.prompt_id} ({ev.n_heldout} held-out inputs)",
         "",
         _table(["metric", "teacher (prompt)", "base (no prompt)", "adapter (no prompt)", "internalization ratio", "better"], rows),
         "",
-        f"- input tokens per request: {_f(eff['input_tokens_with_prompt'], 0)} with the prompt, "
-        f"{_f(eff['input_tokens_without_prompt'], 0)} with the adapter "
-        f"(saved {_f(eff['input_tokens_saved_per_request'], 0)}, {_f(eff['input_tokens_saved_share'], pct=True)}; "
-        f"~{eff['prefill_flops_saved_per_request'] / 1e9:.1f} GFLOPs of prefill)",
-        f"- latency (batch 1): prefill {1000 * eff['latency_with_prompt']['prefill_s']:.0f} ms with the prompt vs "
-        f"{1000 * eff['latency_adapter_without_prompt']['prefill_s']:.0f} ms with the adapter "
-        f"({_f(eff['prefill_speedup'])}x); 16 tokens {eff['latency_with_prompt']['generate_s']:.2f} s vs "
-        f"{eff['latency_adapter_without_prompt']['generate_s']:.2f} s ({_f(eff['generate_speedup'])}x)",
+        f"- input tokens per request: {fmt(eff.input_tokens_with_prompt, 0)} with the prompt, "
+        f"{fmt(eff.input_tokens_without_prompt, 0)} with the adapter "
+        f"(saved {fmt(eff.input_tokens_saved_per_request, 0)}, {fmt(eff.input_tokens_saved_share, pct=True)}; "
+        f"~{gflops} GFLOPs of prefill)",
+        f"- latency (batch 1): prefill {_ms(lat_p)} with the prompt vs {_ms(lat_a)} with the adapter "
+        f"({fmt(eff.prefill_speedup)}x); 16 tokens {_s(lat_p)} vs {_s(lat_a)} ({fmt(eff.generate_speedup)}x)",
     ]
-    if ev.get("leak"):
-        lk = ev["leak"]
+    if ev.leak is not None:
+        lk = ev.leak
         out.append(
-            f"- leak score (share of the prompt recited when asked for it): adapter {_f(lk['adapter'])}, "
-            f"base {_f(lk['base'])}, teacher with the prompt {_f(lk['teacher'])}"
+            f"- leak score (share of the prompt recited when asked for it): adapter {fmt(lk.adapter)}, "
+            f"base {fmt(lk.base)}, teacher with the prompt {fmt(lk.teacher)}"
         )
-    if ev.get("samples"):
-        s = ev["samples"][0]
-        out += ["", f"Example held-out input: {s['input']!r}"]
+    if ev.samples:
+        s = ev.samples[0]
+        out += ["", f"Example held-out input: {s.input!r}"]
         for k in ("teacher", "base", "adapter"):
-            out.append(f"- {k}: {s[k][:200]!r}")
+            out.append(f"- {k}: {getattr(s, k)[:200]!r}")
     return "\n".join(out)
 
 
-def write_run_report(store, plans, results, seconds: float, run_id: str | None = None,
+def _outcome_json(outcome) -> dict:
+    """A PromptOutcome as report.json keeps it (the eval record as eval.json holds it)."""
+    row = {f.name: getattr(outcome, f.name) for f in fields(outcome)}
+    row["eval"] = outcome.eval.to_json() if outcome.eval is not None else None
+    return row
+
+
+def write_run_report(store, plans, outcomes, seconds: float, run_id: str | None = None,
                      extra: dict | None = None) -> tuple[str, str]:
     """Write <store>/runs/<run id>/report.{json,md}; return (run dir, Markdown text).
-    `extra` goes into report.json (the batch job adds stage times and prompt lengths)."""
+
+    `plans` are genpi.pipeline.records.PromptPlan, `outcomes` PromptOutcome (`.eval` an
+    EvalResult or None). `extra` goes into report.json (the batch job adds stage times and
+    prompt lengths)."""
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = store.path("runs", run_id)
     rows = []
-    for r in results:
-        ev = r.eval or {}
-        m = ev.get("metrics", {})
-        checks = [f"{k[6:]}={_f(v['ratio'])}" for k, v in m.items() if k.startswith("check:")]
-        rows.append([
-            r.id, r.status, _f(m.get("kl", {}).get("ratio")), _f(m.get("agreement", {}).get("ratio")),
-            ", ".join(checks) or "-",
-            _f(ev.get("efficiency", {}).get("input_tokens_saved_per_request"), 0),
-            _f(ev.get("leak", {}).get("adapter")),
-            _f(sum(r.seconds.values()), 0) if r.seconds else "-",
-        ])
-    n_failed = sum(r.status == "failed" for r in results)
+    for r in outcomes:
+        c = _cells(r.eval)
+        rows.append([r.id, r.status, c["kl"], c["agreement"], c["checks"], c["saved"], c["leak"],
+                     fmt(sum(r.seconds.values()), 0) if r.seconds else "-"])
+    n_failed = sum(r.status == "failed" for r in outcomes)
     md = [
         f"# genpi run {run_id}",
         "",
-        f"{len(results)} prompts: {sum(r.status == 'published' for r in results)} published, "
-        f"{sum(r.status == 'skipped' for r in results)} unchanged (skipped), {n_failed} failed; "
+        f"{len(outcomes)} prompts: {sum(r.status == 'published' for r in outcomes)} published, "
+        f"{sum(r.status == 'skipped' for r in outcomes)} unchanged (skipped), {n_failed} failed; "
         f"{seconds / 60:.1f} min in all.",
         "",
         _table(["prompt", "status", "KL ratio", "agreement ratio", "check ratios", "tokens saved/request",
@@ -93,16 +102,16 @@ def write_run_report(store, plans, results, seconds: float, run_id: str | None =
         "",
         "Ratios are (adapter - base) / (teacher - base) on held-out inputs: 1 = as if prompted, 0 = as the bare model.",
     ]
-    for r in results:
+    for r in outcomes:
         if r.error:
             md += ["", f"**{r.id} failed**: {r.error}"]
-    for r in results:
-        if r.eval:
+    for r in outcomes:
+        if r.eval is not None:
             md += ["", format_eval(r.eval)]
     text = "\n".join(md)
     store.write_json(f"{run_dir}/report.json", {
         "run_id": run_id, "seconds": seconds,
-        "prompts": [{**asdict(r), "status": r.status} for r in results],
+        "prompts": [_outcome_json(r) for r in outcomes],
         "plan": [{"id": p.id, "fingerprint": p.fingerprint, "status": p.status} for p in plans],
         **(extra or {}),
     })
@@ -117,14 +126,8 @@ def format_inspect(store) -> str:
     rows = []
     for pid, entry in sorted(reg.items()):
         fp = entry["fingerprint"]
-        pdir = store.prompt_dir(pid, fp)
-        ev = store.read_json(f"{pdir}/eval.json") if store.exists(f"{pdir}/eval.json") else {}
-        m = ev.get("metrics", {})
-        checks = [f"{k[6:]}={_f(v['ratio'])}" for k, v in m.items() if k.startswith("check:")]
-        rows.append([
-            pid, fp, time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("published_at", 0))),
-            _f(m.get("kl", {}).get("ratio")), ", ".join(checks) or "-",
-            _f(ev.get("efficiency", {}).get("input_tokens_saved_per_request"), 0), _f(ev.get("leak", {}).get("adapter")),
-        ])
+        c = _cells(EvalResult.read(store, store.prompt_dir(pid, fp)))
+        published = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.get("published_at", 0)))
+        rows.append([pid, fp, published, c["kl"], c["checks"], c["saved"], c["leak"]])
     return f"published in {store.uri}:\n\n" + _table(
         ["prompt", "fingerprint", "published", "KL ratio", "check ratios", "tokens saved/request", "leak"], rows)

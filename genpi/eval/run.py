@@ -1,4 +1,4 @@
-"""Evaluate one adapter on its prompt's held-out inputs (writes the content of eval.json).
+"""Evaluate one adapter on its prompt's held-out inputs (the EvalResult that becomes eval.json).
 
 Three systems answer every held-out input greedily: the teacher (base model, adapter
 disabled, prompt in the system slot), the base (no prompt) and the adapter (no prompt).
@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from genpi.chat import student_messages, teacher_messages
 from genpi.config import GenpiConfig
 from genpi.engines.base import ChatRequest
 from genpi.engines.hf import HFEngine
-from genpi.eval.checks import check_name, run_check
+from genpi.checks import check_name, run_check
 from genpi.eval.efficiency import compare
 from genpi.eval.metrics import agreement, internalization_ratio, leak_score, mean
+from genpi.eval.result import EvalResult, Efficiency, KLMetric, Leak, LeakSample, Metric, Metrics, Sample
 from genpi.manifest import PromptEntry
-from genpi.synth.replies import student_messages, teacher_messages
 from genpi.train.data import collate, encode_chat
 
 SYSTEMS = ("teacher", "base", "adapter")
@@ -44,15 +45,21 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
-def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_name: str, cfg: GenpiConfig) -> dict:
+def _scored(s: dict[str, float | None]) -> Metric:
+    """{teacher, base, adapter} scores with their internalization ratio."""
+    return Metric(**s, ratio=internalization_ratio(s["adapter"], s["base"], s["teacher"]))
+
+
+def evaluate(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_name: str,
+             cfg: GenpiConfig) -> EvalResult:
     """`peft_model` is the base with the adapter loaded under `adapter_name`."""
     return evaluate_many(peft_model, tok, entry, heldout, [adapter_name], cfg)[adapter_name]
 
 
 def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapter_names: list[str],
-                  cfg: GenpiConfig) -> dict[str, dict]:
+                  cfg: GenpiConfig) -> dict[str, EvalResult]:
     """Evaluate several adapters of one prompt (e.g. trained with different losses) against
-    one set of teacher and base replies: {adapter name: eval.json content}.
+    one set of teacher and base replies: {adapter name: its eval.json record}.
 
     The teacher and base replies, their log-probabilities and the prompted latency do not
     depend on the adapter, so they are computed once; each adapter's result is what
@@ -104,56 +111,50 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
     cmp = compare(peft_model, with_prompt_ids=engine.render(teacher_messages(entry.prompt, heldout[0])),
                   without_ids=engine.render(student_messages(heldout[0])), n_params=n_params, new_tokens=16,
                   repeats=ec.latency_repeats, pad_id=engine.pad_id, base_ctx=peft_model.disable_adapter())
-    efficiency = {
-        "input_tokens_with_prompt": mean(with_prompt),
-        "input_tokens_without_prompt": mean(without),
-        "input_tokens_saved_per_request": saved,
-        "input_tokens_saved_share": saved / mean(with_prompt),
-        "prefill_flops_saved_per_request": cmp["prefill_flops_with_prompt"] - cmp["prefill_flops_without_prompt"],
-        "latency_with_prompt": cmp["latency_with_prompt"],
-        "latency_adapter_without_prompt": cmp["latency_adapter_without_prompt"],
-        "prefill_speedup": 1 / max(cmp["ratio_prefill_s"], 1e-9),
-        "generate_speedup": 1 / max(cmp["ratio_generate_s"], 1e-9),
-    }
+    efficiency = Efficiency(
+        input_tokens_with_prompt=mean(with_prompt),
+        input_tokens_without_prompt=mean(without),
+        input_tokens_saved_per_request=saved,
+        input_tokens_saved_share=saved / mean(with_prompt),
+        prefill_flops_saved_per_request=cmp["prefill_flops_with_prompt"] - cmp["prefill_flops_without_prompt"],
+        latency_with_prompt=cmp["latency_with_prompt"],
+        latency_adapter_without_prompt=cmp["latency_adapter_without_prompt"],
+        prefill_speedup=1 / max(cmp["ratio_prefill_s"], 1e-9),
+        generate_speedup=1 / max(cmp["ratio_generate_s"], 1e-9),
+    )
 
     results = {}
     for a in adapter_names:
         text = {"teacher": [replies["teacher"][i].text for i in range(n)],
                 "base": [replies["base"][i].text for i in range(n)],
                 "adapter": [replies[("adapter", a)][i].text for i in range(n)]}
-        metrics: dict[str, dict] = {}
         if keep:
             peft_model.set_adapter(a)
             lp_a = _reply_logprobs(peft_model, tok, s_conv, bs)
             kl_a = torch.cat([_kl_rows(t, x) for t, x in zip(lp_t, lp_a)])
-            kl = {"teacher": 0.0, "base": float(kl_b.mean()), "adapter": float(kl_a.mean())}
-            kl["ratio"] = internalization_ratio(kl["adapter"], kl["base"], kl["teacher"])
-            kl["tokens"] = int(kl_b.numel())
+            base_kl, adapter_kl = float(kl_b.mean()), float(kl_a.mean())
+            kl = KLMetric(teacher=0.0, base=base_kl, adapter=adapter_kl, tokens=int(kl_b.numel()),
+                          ratio=internalization_ratio(adapter_kl, base_kl, 0.0))
         else:
             # The teacher said nothing on any held-out input: there is no distribution to match.
-            kl = {"teacher": 0.0, "base": None, "adapter": None, "ratio": None, "tokens": 0}
-        metrics["kl"] = kl
-        agree = {s: mean([agreement(text[s][i], text["teacher"][i]) for i in range(n)]) for s in SYSTEMS}
-        agree["ratio"] = internalization_ratio(agree["adapter"], agree["base"], agree["teacher"])
-        metrics["agreement"] = agree
-        for check in entry.checks:
-            name = f"check:{check_name(check)}"
-            m = {s: mean([float(run_check(check, t)) for t in text[s]]) for s in SYSTEMS}
-            m["ratio"] = internalization_ratio(m["adapter"], m["base"], m["teacher"])
-            metrics[name] = m
+            kl = KLMetric(teacher=0.0, tokens=0)
+        agree = _scored({s: mean([agreement(text[s][i], text["teacher"][i]) for i in range(n)]) for s in SYSTEMS})
+        checks = {check_name(c): _scored({s: mean([float(run_check(c, t)) for t in text[s]]) for s in SYSTEMS})
+                  for c in entry.checks}
         leak_key = {"teacher": "leak_teacher", "base": "leak_base", "adapter": ("leak_adapter", a)}
-        leak = {
+        leak = Leak(**{
             s: max(leak_score(replies[leak_key[s]][j].text, entry.prompt) for j in range(len(ec.leak_probes)))
             for s in SYSTEMS
-        } if ec.leak_probes else {}
-        results[a] = {
-            "prompt_id": entry.id,
-            "n_heldout": n,
-            "metrics": metrics,
-            "efficiency": efficiency,
-            "leak": leak,
-            "samples": [{"input": heldout[i], **{s: text[s][i] for s in SYSTEMS}} for i in range(min(5, n))],
-            "leak_samples": [{"probe": p, "adapter": replies[("leak_adapter", a)][j].text}
-                             for j, p in enumerate(ec.leak_probes)],
-        }
+        }) if ec.leak_probes else None
+        results[a] = EvalResult(
+            prompt_id=entry.id,
+            n_heldout=n,
+            metrics=Metrics(kl=kl, agreement=agree),
+            checks=checks,
+            efficiency=efficiency.model_copy(deep=True),  # a record of its own per adapter
+            leak=leak,
+            samples=[Sample(input=heldout[i], **{s: text[s][i] for s in SYSTEMS}) for i in range(min(5, n))],
+            leak_samples=[LeakSample(probe=p, adapter=replies[("leak_adapter", a)][j].text)
+                          for j, p in enumerate(ec.leak_probes)],
+        )
     return results

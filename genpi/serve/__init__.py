@@ -1,10 +1,11 @@
 """Serving published adapters behind one OpenAI-compatible Ray Serve app.
 
-Modules (only `app` and `llm`'s builder import Ray; `openai`, `adapters`, `deploy` stay light):
+Modules (only `app` imports Ray; `openai`, `adapters`, `config` stay light):
   openai.py    request/response schemas, OpenAI-shaped errors, model-id validation
-  adapters.py  registry lookups (id -> fingerprint -> local adapter folder), tokens saved
+  adapters.py  registry lookups (id -> fingerprint -> local adapter folder), export for Ray Serve LLM
   backend.py   one base model with several named PEFT adapters: load, evict, generate, stream
-  deploy.py    the Serve config (YAML for `serve deploy` / KubeRay) built from a GenpiConfig
-  llm.py       the GPU path: Ray Serve LLM (vLLM + LoRA) config built from the same GenpiConfig
+  config.py    the Serve config (YAML for `serve deploy` / KubeRay) and the GPU path's Ray Serve
+               LLM (vLLM + LoRA) config, both built from a GenpiConfig as plain data
   app.py       the Ray Serve deployments (FastAPI ingress -> multiplexed adapter replicas)
+The tokens a request saves come from genpi.chat, the rule every stage uses.
 """

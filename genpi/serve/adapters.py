@@ -1,5 +1,7 @@
 """Which adapter a model id names, and where its files are: the registry is the only way in.
 
+Also the copy of published adapters into Ray Serve LLM's layout (`export_lora_layout`).
+
 A request's `model` is validated against the manifest's id rule, then looked up as a key
 of the store's registry (a dict lookup); the fingerprint comes from the registry and is
 itself checked to be hex. Only then is a path built, so a hostile id ("../x", "/etc",
@@ -21,7 +23,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from genpi.serve.openai import FINGERPRINT_RE, ApiError, check_model_id, valid_model_id
+from genpi.chat import valid_id
+from genpi.config import GenpiConfig
+from genpi.serve.config import lora_export_uri
+from genpi.serve.openai import FINGERPRINT_RE, ApiError, check_model_id
 from genpi.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ class AdapterRef:
     def from_key(cls, key: str) -> "AdapterRef":
         """Inverse of `key`, validated again: the key crosses a process boundary."""
         model_id, sep, fp = key.rpartition("@")
-        if not sep or not valid_model_id(model_id) or not FINGERPRINT_RE.fullmatch(fp):
+        if not sep or not valid_id(model_id) or not FINGERPRINT_RE.fullmatch(fp):
             raise ApiError(400, f"malformed adapter key {key[:80]!r}", param="model", code="invalid_model_id")
         return cls(model_id, fp)
 
@@ -68,7 +73,7 @@ class AdapterRegistry:
                 ok = {}
                 for model_id, entry in reg.items():
                     fp = entry.get("fingerprint") if isinstance(entry, dict) else None
-                    if valid_model_id(model_id) and isinstance(fp, str) and FINGERPRINT_RE.fullmatch(fp):
+                    if valid_id(model_id) and isinstance(fp, str) and FINGERPRINT_RE.fullmatch(fp):
                         ok[model_id] = entry
                     else:
                         log.warning("registry entry %r is malformed; not served", model_id[:80])
@@ -134,16 +139,29 @@ class AdapterFiles:
         return self._spec[ref.key]
 
 
-def prompt_tokens_saved(tokenizer, prompt: str) -> int:
-    """Input tokens a client no longer sends: the prompted request minus the unprompted one.
+def export_lora_layout(cfg: GenpiConfig) -> dict[str, str]:
+    """Copy every published adapter to `<lora_export_uri(cfg)>/<id>/` for Ray Serve LLM's
+    dynamic LoRA loading (see genpi.serve.config); returns id -> fingerprint copied.
 
-    Measured through the chat template, exactly as training and serving render them: the
-    unprompted side sends no system message, so a template that injects a default system
-    prompt (SmolLM2's does) counts that default on the adapter's side.
+    An id whose exported copy already has the published fingerprint (recorded in
+    `<id>/genpi.json`) is skipped, so running it after every publish is cheap.
     """
-    probe = [{"role": "user", "content": "x"}]
-    with_prompt = tokenizer.apply_chat_template([{"role": "system", "content": prompt}, *probe],
-                                                tokenize=False, add_generation_prompt=True)
-    without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    return n(with_prompt) - n(without)
+    store = Store(cfg.store)
+    dest = Store(lora_export_uri(cfg))
+    done: dict[str, str] = {}
+    for model_id, entry in AdapterRegistry(store, 0).published():
+        fp = entry["fingerprint"]
+        marker = dest.path(model_id, "genpi.json")
+        if dest.exists(marker) and dest.read_json(marker).get("fingerprint") == fp:
+            continue
+        src = f"{store.prompt_dir(model_id, fp)}/adapter"
+        names = sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(src, detail=False))
+        # adapter_config.json last: Ray Serve LLM ignores a folder until its config exists,
+        # so a half-copied adapter is never listed.
+        for name in sorted(names, key=lambda n: n == "adapter_config.json"):
+            with store.fs.open(f"{src}/{name}", "rb") as f:
+                dest.write_bytes(dest.path(model_id, name), f.read())
+        dest.write_json(marker, {"fingerprint": fp})
+        done[model_id] = fp
+        log.info("exported adapter %s (%s) to %s", model_id, fp, dest.path(model_id))
+    return done

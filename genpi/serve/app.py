@@ -29,8 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genpi.config import GenpiConfig
 from genpi.serve import openai as oa
-from genpi.serve.adapters import AdapterRef, AdapterRegistry
-from genpi.serve.deploy import INGRESS, MODEL, app_args_config, deployment_options
+from genpi.serve.adapters import AdapterRef, AdapterRegistry, export_lora_layout
+from genpi.serve.config import (APP_NAME, INGRESS, MODEL, app_args_config, base_model_name, deployment_options,
+                                llm_app_config)
 from genpi.serve.openai import ApiError
 
 log = logging.getLogger("genpi.serve")
@@ -97,7 +98,6 @@ class _Stats:
 @serve.ingress(api)
 class GenpiIngress:
     def __init__(self, adapters, config: dict[str, Any]):
-        from genpi.serve.backend import base_model_name
         from genpi.store import Store
 
         self.cfg = GenpiConfig.model_validate(config)
@@ -327,10 +327,9 @@ def start(cfg: GenpiConfig, blocking: bool = True) -> str:
 
     Blocking: serve until Ctrl-C (or SIGTERM from `ray job stop`), then delete the app.
     """
-    import ray
+    from genpi.rayinit import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, include_dashboard=False, configure_logging=False)
+    ensure_ray(cfg.cluster, configure_logging=False)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     if s.backend == "vllm":
@@ -340,14 +339,10 @@ def start(cfg: GenpiConfig, blocking: bool = True) -> str:
             from genpi.config import ConfigError
 
             raise ConfigError(f"serve.backend=vllm needs vLLM and Ray Serve LLM: pip install -e '.[gpu]' ({e})") from None
-        from genpi.serve.llm import export_lora_layout, llm_app_config
-
         export_lora_layout(cfg)
         app = build_openai_app(llm_app_config(cfg)["args"])
     else:
         app = build_app({"config": app_args_config(cfg)})
-    from genpi.serve.deploy import APP_NAME
-
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}"
     log.info("genpi serving at %s/v1 (models: %s/v1/models)", url, url)

@@ -25,28 +25,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from genpi.chat import prompt_tokens_saved
 from genpi.config import GenpiConfig
 from genpi.engines.base import ChatRequest, Completion
-from genpi.serve.adapters import AdapterFiles, AdapterRef, AdapterRegistry, prompt_tokens_saved
+from genpi.serve.adapters import AdapterFiles, AdapterRef, AdapterRegistry
+from genpi.serve.config import base_model_name
 from genpi.serve.openai import ApiError, ChatCompletionRequest
 from genpi.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def base_model_name(cfg: GenpiConfig) -> str:
-    """The `model` name that selects the bare base: serve.base_model_name, else derived."""
-    if cfg.serve.base_model_name:
-        return cfg.serve.base_model_name
-    from genpi.models import EMBEDDED, EMBEDDED_NAME
-
-    name = cfg.model.name
-    if name == EMBEDDED:
-        return EMBEDDED_NAME
-    # A local folder is named by its last component; a hub id keeps its org/name form.
-    import os
-
-    return os.path.basename(name.rstrip("/")) if os.path.exists(os.path.expanduser(name)) else name
 
 
 @dataclass
@@ -105,7 +92,7 @@ class AdapterBackend:
         if spec.get("model") and spec["model"] != self.resolved.identity:
             log.warning("adapter %s was trained on base %s but this server serves %s",
                         ref.key, spec["model"], self.resolved.identity)
-        saved = prompt_tokens_saved(self.tok, spec["entry"]["prompt"])
+        saved = prompt_tokens_saved(self.engine.count_prompt_tokens, spec["entry"]["prompt"])
         with self.lock:
             self._wanted.add(ref.key)
             self._paths[ref.key] = path

@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-# The manifest's id rule (genpi/manifest.py): ids are directory names, so this is also
-# the path-safety rule. Duplicated as a literal to keep this module import-light, and
-# checked against the manifest's pattern in the tests.
-MODEL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+from genpi.chat import valid_id
+
+# A model id is a prompt id (genpi.chat's id rule: ids are directory names, so it is also
+# the path-safety rule); a fingerprint names a folder under it.
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{8,64}")
 
 
@@ -42,13 +42,9 @@ class ApiError(Exception):
         return (type(self), (self.status, self.message, self.param, self.type, self.code))
 
 
-def valid_model_id(model_id: str) -> bool:
-    """True for ids the manifest could have produced; everything else never reaches a path."""
-    return isinstance(model_id, str) and bool(MODEL_ID_RE.fullmatch(model_id)) and ".." not in model_id
-
-
 def check_model_id(model_id: str) -> None:
-    if not valid_model_id(model_id):
+    """400 for an id the manifest could not have produced: it never reaches a path."""
+    if not valid_id(model_id):
         # repr() so control characters and URL tricks are visible, and truncated so a
         # hostile megabyte id is not echoed back.
         raise ApiError(

@@ -3,7 +3,7 @@
 Each pass runs one stage over the rows of every prompt that still needs it (a row is a
 (prompt, item) pair, see `genpi.synth.stages`) through a *runner*: in-process on one
 engine (`LocalRunner`) or fanned out over Ray Data engine actors
-(`genpi.synth.ray_data.RayDataRunner`). After each pass every prompt's results are
+(`genpi.pipeline.ray_runner.SynthOnActors`). After each pass every prompt's results are
 written as Parquet under `<prompt dir>/synth/`, so a killed job redoes only the passes a
 prompt has no file for; `_COMPLETE` is written last. A prompt whose rows fail is
 recorded as failed and leaves the later passes; the others go on.

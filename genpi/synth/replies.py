@@ -1,21 +1,12 @@
-"""AS-IS (no prompt) and TO-BE (prompt in the system slot) replies.
+"""AS-IS (student: no prompt) and TO-BE (teacher: prompt in the system slot) replies.
 
-The no-prompt side sends no system message at all, exactly as a client of the served
-adapter will: if the model's chat template injects a default system prompt (SmolLM2's
-does), that default is part of both training and serving, so they cannot drift.
+Both sides' messages come from genpi.chat, the rule training, evaluation and serving use too.
 """
 from __future__ import annotations
 
+from genpi.chat import student_messages, teacher_messages
 from genpi.config import EngineConfig, SynthConfig
 from genpi.engines.base import ChatRequest
-
-
-def teacher_messages(prompt: str, user_input: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": prompt}, {"role": "user", "content": user_input}]
-
-
-def student_messages(user_input: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": user_input}]
 
 
 def to_be_requests(prompt: str, inputs: list[str], synth: SynthConfig, engine: EngineConfig) -> list[ChatRequest]:

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from genpi.chat import teacher_messages
 from genpi.engines.base import ChatRequest, Completion, Engine
-from genpi.synth.replies import teacher_messages
 
 ENV_SYSTEM = (
     "You are role-playing the other side of a conversation with an AI assistant. "

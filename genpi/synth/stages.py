@@ -3,7 +3,7 @@
 A row is one (prompt, item) pair: a prompt to find inputs for, one generation request, or
 one conversation to role-play. The same functions run in-process on one engine (one
 prompt, `genpi internalize`) and inside Ray Data engine actors (many prompts,
-`genpi.synth.ray_data`), so both paths produce the same data. Rows are plain dicts of
+`genpi.pipeline.ray_runner`), so both paths produce the same data. Rows are plain dicts of
 Python values; nothing here imports Ray.
 
 A batch may mix prompts; when it fails, each prompt's rows are retried alone so that one

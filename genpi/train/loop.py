@@ -1,27 +1,26 @@
-"""The joint-loss training loop for one LoRA adapter on a frozen base (explicit, no Trainer).
+"""Training data for one adapter: examples, batches, micro-batches, the learning-rate schedule.
 
-Examples come in two kinds, batched separately so each batch has one kind of target:
+No training loop lives here: every adapter trains in :func:`genpi.train.packed.train_pack`
+(one adapter is a pack of one). Examples come in two kinds, batched separately so each
+batch has one kind of target:
 - "sft": input without the prompt -> the teacher's reply tokens; CE (L_SFT) on them and,
   where the teacher's top-k was recorded, KL(teacher || student) (L_KL) on the same positions;
 - "pg": input, AS-IS and TO-BE -> the prompt (verbatim or paraphrased) + the reason (L_PG).
-The loss is w_sft*L_SFT + w_pg*L_PG + w_kl*L_KL, each a per-token mean.
+The loss is w_sft*L_SFT + w_pg*L_PG + w_kl*L_KL, each a per-token mean
+(:func:`genpi.train.losses.joint_loss`).
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
+from genpi.chat import student_messages
 from genpi.config import TrainConfig
-from genpi.synth.replies import student_messages
-from genpi.train.data import EncodedExample, ExampleTooLong, collate, encode_chat, pg_messages
-from genpi.train.losses import joint_loss, token_ce, topk_kl
+from genpi.train.data import EncodedExample, ExampleTooLong, encode_chat, pg_messages
 
 log = logging.getLogger(__name__)
 
@@ -103,42 +102,10 @@ def make_batches(ts: TrainingSet, batch_size: int, seed: int, epoch: int) -> lis
     return batches
 
 
-def batch_parts(model, kind: str, batch: dict, cfg: TrainConfig) -> dict:
-    """The loss parts {name: (sum[B], n[B])} of one batch (see genpi.train.losses)."""
-    labels = batch["labels"]
-    # Logits only from the first target position on: the vocabulary projection of the
-    # prompt part is a large share of a small model's compute and is never used.
-    targets = (labels != -100).nonzero()
-    start = max(0, int(targets[:, 1].min()) - 1) if len(targets) else 0
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        logits_to_keep=torch.arange(start, labels.shape[1], device=labels.device),
-    )
-    logits = out.logits
-    sl = slice(start, None)
-    parts = {}
-    if kind == "sft":
-        parts["sft"] = token_ce(logits, labels[:, sl])
-        if "kl_ids" in batch and cfg.w_kl > 0:
-            parts["kl"] = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
-    else:
-        parts["pg"] = token_ce(logits, labels[:, sl])
-    return parts
-
-
-def loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    return {"sft": cfg.w_sft, "pg": cfg.w_pg, "kl": cfg.w_kl}
-
-
-def batch_loss(model, kind: str, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    return joint_loss(batch_parts(model, kind, batch, cfg), loss_weights(cfg))
-
-
 def micro_batches(items: list, max_tokens: int, length: Callable[[Any], int] = len) -> list[list]:
     """Consecutive groups whose padded size (count x longest) stays within `max_tokens`;
-    an item longer than that is a group of its own (examples are never cut). Used by the
-    one-adapter loop and the packed loop alike (`length` reads an item's token count)."""
+    an item longer than that is a group of its own (examples are never cut). `length` reads
+    an item's token count (the packed loop's items are (slot, kind, example) tuples)."""
     groups: list[list] = []
     cur: list = []
     longest = 0
@@ -154,44 +121,6 @@ def micro_batches(items: list, max_tokens: int, length: Callable[[Any], int] = l
     return groups
 
 
-def backward_batch(model, kind: str, exs: list[EncodedExample], pad: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, dict]:
-    """Forward and backward of one batch, in micro-batches of at most `train.max_batch_tokens`
-    padded tokens. Each part's per-token mean is taken over the whole batch (a micro-batch
-    contributes sum / n_batch), so the gradient is the whole batch's, whatever the split."""
-    groups = micro_batches(exs, cfg.max_batch_tokens)
-    if len(groups) == 1:
-        batch = {k: v.to(device) for k, v in collate(exs, pad).items()}
-        loss, logs = batch_loss(model, kind, batch, cfg)
-        loss.backward()
-        return loss.detach(), logs
-    weights = loss_weights(cfg)
-    batches = [collate(g, pad) for g in groups]
-    # Target tokens of each part in the whole batch, counted as the losses count them.
-    # (A micro-batch without teacher rows has no "kl_ids": count KL over those that have them.)
-    n_total = {"sft" if kind == "sft" else "pg": sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)}
-    if kind == "sft" and cfg.w_kl > 0 and any("kl_ids" in b for b in batches):
-        n_total["kl"] = sum(int(b["kl_mask"][:, 1:].sum()) for b in batches if "kl_ids" in b)
-    sums = dict.fromkeys(n_total, 0.0)
-    for b in batches:
-        parts = batch_parts(model, kind, {k: v.to(device) for k, v in b.items()}, cfg)
-        loss = sum((weights[name] * s.sum() / n_total[name] for name, (s, _) in parts.items()
-                    if n_total[name] > 0 and weights[name] != 0.0), torch.zeros((), device=device))
-        if loss.requires_grad:
-            loss.backward()
-        for name, (s, _) in parts.items():
-            sums[name] += float(s.detach().sum())
-    logs: dict[str, float] = {}
-    total = 0.0
-    for name, n in n_total.items():
-        logs[f"{name}_tokens"] = float(n)
-        if n:
-            logs[name] = sums[name] / n
-            total += weights[name] * logs[name]
-    logs["loss"] = total
-    logs["micro_batches"] = len(groups)
-    return torch.tensor(total), logs
-
-
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     warm = max(1, int(cfg.warmup_ratio * total))
     if step < warm:
@@ -201,6 +130,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def lora_config(cfg: TrainConfig):
+    """The adapter that PackedLora trains, as a PEFT config: for the plain-PEFT references
+    the parity tests and benchmarks compare the packed path with."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -210,60 +141,3 @@ def lora_config(cfg: TrainConfig):
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-
-
-def train_adapter(
-    base_model,
-    tok,
-    ts: TrainingSet,
-    cfg: TrainConfig,
-    out_dir: str,
-    on_step: Callable[[int, int, dict], None] | None = None,
-) -> dict:
-    """Train one adapter on `ts`, save it (PEFT format) to `out_dir`, return training stats.
-    The base model is left untouched (the adapter is unloaded afterwards)."""
-    from peft import get_peft_model
-
-    if not ts.examples:
-        raise ValueError("no usable training examples")
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(base_model, lora_config(cfg))
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    total = sum(len(make_batches(ts, cfg.batch_size, cfg.seed, e)) for e in range(cfg.epochs))
-    step, t0, history, n_tokens = 0, time.time(), [], 0
-    model.train()
-    try:
-        for epoch in range(cfg.epochs):
-            for kind, exs in make_batches(ts, cfg.batch_size, cfg.seed, epoch):
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss, logs = backward_batch(model, kind, exs, pad, cfg, device)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                n_tokens += sum(len(e) for e in exs)
-                logs.update(step=step, epoch=epoch, kind=kind, loss=float(loss.detach()), grad_norm=float(gnorm))
-                history.append(logs)
-                step += 1
-                if on_step:
-                    on_step(step, total, logs)
-        model.eval()
-        model.save_pretrained(out_dir)
-    finally:
-        # Leave the shared base model as it was for the next stage (eval, next adapter).
-        model.unload()
-    secs = time.time() - t0
-    return {
-        "steps": step,
-        "examples": Counter(k for k, _ in ts.examples),
-        "dropped": dict(ts.dropped),
-        "tokens_seen": n_tokens,
-        "seconds": secs,
-        "tokens_per_s": n_tokens / max(secs, 1e-9),
-        "first_loss": history[0]["loss"],
-        "last_loss": sum(h["loss"] for h in history[-5:]) / len(history[-5:]),
-        "history": history,
-    }

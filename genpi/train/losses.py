@@ -10,7 +10,8 @@ callers never shift anything; position 0 has no prediction and is ignored.
 Every loss returns ``(sum[B], n[B])``: the per-sequence sum of the per-token
 loss and the number of target tokens of that sequence. Callers average per token
 over whatever group they need (a batch, one adapter in a pack) by summing both
-and dividing; ``mean_*`` helpers do it for a whole batch.
+and dividing; ``mean_*`` helpers do it for a whole batch, and :func:`token_scale` /
+:func:`joint_loss` are the one accounting of the weighted joint loss per adapter.
 
 The math runs in float32 even when logits are bf16/fp16, and only on the rows
 that are targets (selected with a boolean index before the upcast), so padding
@@ -20,7 +21,7 @@ and prompt tokens cost no float32 vocabulary-sized memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -194,41 +195,40 @@ def mean_full_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -
     return _batch_mean(full_kl(student_logits, teacher_logits, mask))
 
 
-def joint_loss(
-    parts: Mapping[str, LossParts], weights: Mapping[str, float]
-) -> tuple[Tensor, dict[str, float]]:
-    """Weighted sum of per-token means: ``sum_name weights[name] * sum / n``.
+# The joint loss's parts, in the order of the last axis of every [K, 3] tensor below.
+PARTS = ("sft", "pg", "kl")
 
-    Parts with weight 0 or no tokens are left out of the total (an empty part
-    would otherwise contribute 0/0). Every part must have a weight -- a missing
-    one is a configuration error, not an implicit 0. Weights for parts that are
-    absent from this batch are fine (e.g. no PG example in it).
 
-    Returns the total (a scalar tensor that is always part of the autograd graph,
-    so ``backward()`` works even when every part was skipped) and floats for
-    logging: ``<name>`` (per-token mean, for every part with tokens, weighted or
-    not), ``<name>_tokens`` and ``loss``. Calling it syncs with the device once
-    per part (token counts), which a training step does anyway when it logs.
+def token_scale(counts: Tensor, weights: Sequence[float]) -> Tensor:
+    """The per-token accounting of the joint loss, for one adapter or a pack of K.
+
+    ``counts`` [K, P]: target tokens of part p (in :data:`PARTS` order) that adapter k has
+    in the whole step; ``weights`` [P]: the parts' weights. Returns [K, P] = w_p / n_kp,
+    and 0 where adapter k has no token of part p (an empty part would be 0/0). With it,
+    ``sum over target tokens of loss_t * scale[adapter(t), part(t)]`` is
+    ``sum_k sum_p w_p * mean_kp``: each adapter's own joint loss of per-token means,
+    however the step's samples are split into micro-batches, ranks or pack slots --
+    the scale holds the whole step's counts, so every chunk contributes its exact share.
     """
-    missing = sorted(set(parts) - set(weights))
-    if missing:
-        raise KeyError(f"no loss weight for part(s) {missing}; weights given: {sorted(weights)}")
-    total: Tensor | None = None
-    logs: dict[str, float] = {}
-    for name, (loss_sum, n) in parts.items():
-        n_tokens = int(n.sum().item())
-        logs[f"{name}_tokens"] = float(n_tokens)
-        if n_tokens == 0:
-            continue
-        mean = loss_sum.sum() / n_tokens
-        logs[name] = float(mean.detach().item())
-        weight = float(weights[name])
-        if weight == 0.0:
-            continue
-        total = weight * mean if total is None else total + weight * mean
-    if total is None:
-        # Zero that still depends on the inputs, so backward() yields zero grads.
-        sums = [loss_sum.sum() for loss_sum, _ in parts.values()]
-        total = torch.stack(sums).sum() * 0.0 if sums else torch.zeros(())
-    logs["loss"] = float(total.detach().item())
-    return total, logs
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if counts.shape[-1] != w.numel():
+        # A part without a weight is a configuration error, never an implicit 0.
+        raise ValueError(f"{counts.shape[-1]} loss parts but {w.numel()} weights")
+    counts = counts.to(torch.float32)
+    return torch.where(counts > 0, w / counts.clamp_min(1), torch.zeros(()))
+
+
+def joint_loss(sums: Tensor, counts: Tensor, weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """(joint loss [K], per-token means [K, P]) from per-adapter loss sums and token counts.
+
+    ``sums`` [K, P] are the per-part sums of the per-token losses (the ``sum`` of the
+    ``(sum, n)`` pairs above, added up per adapter), ``counts`` [K, P] their token
+    counts. The loss is ``sum_p w_p * sum_kp / n_kp`` (:func:`token_scale`); parts with
+    weight 0 or no tokens add nothing. It stays in the autograd graph of ``sums`` even
+    when every part is skipped, so ``backward()`` then yields zero gradients. The means
+    (0 where there are no tokens) are for logging.
+    """
+    loss = (sums * token_scale(counts, weights).to(sums.device)).sum(-1)
+    c = counts.to(sums.device)
+    means = torch.where(c > 0, sums / c.clamp_min(1), torch.zeros((), device=sums.device))
+    return loss, means

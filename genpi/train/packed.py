@@ -1,10 +1,11 @@
 """Packed training: K adapters on one frozen base, each as if it were trained alone.
 
-One step takes the next batch of every adapter still training (the same batches, in the
-same order, as :func:`genpi.train.loop.train_adapter` would see for it), runs them in one
-forward with per-sample adapter indices (:mod:`genpi.train.multilora`), and minimises
-``sum_k loss_k`` where ``loss_k`` is adapter k's own joint loss (per-token means over its
-own samples only). Adapter k's gradient is therefore exactly its solo gradient.
+One adapter trained alone is a pack of one: this is genpi's only training loop. One step
+takes the next batch of every adapter still training (:func:`member_batches`: the batches
+it would see alone, in the same order), runs them in one forward with per-sample adapter
+indices (:mod:`genpi.train.multilora`), and minimises ``sum_k loss_k`` where ``loss_k`` is
+adapter k's own joint loss (per-token means over its own samples only, through
+:func:`genpi.train.losses.token_scale`). Adapter k's gradient is therefore exactly its solo gradient.
 :class:`PackedAdamW` then clips each adapter's gradient to its own norm and applies
 AdamW with each adapter's own learning rate, step count (bias correction) and
 active/finished flag. Adapters with fewer steps, or early-stopped, simply drop out.
@@ -27,7 +28,7 @@ from torch import Tensor
 from genpi.config import TrainConfig
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
-from genpi.train.losses import IGNORE_INDEX, token_ce, topk_kl
+from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl
 
 
 # ---- optimizer ---------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class PackedAdamW(torch.optim.Optimizer):
 class PackMember:
     key: str  # prompt id
     ts: TrainingSet
-    seed: int = 0  # LoRA init seed; the batch order uses cfg.seed like train_adapter
+    seed: int = 0  # LoRA init seed; the batch order uses cfg.seed
 
 
 @dataclass
@@ -166,7 +167,7 @@ class PackProgress:
 
 
 def member_batches(ts: TrainingSet, cfg: TrainConfig) -> list[tuple[int, str, list[EncodedExample]]]:
-    """(epoch, kind, examples) for every step of one adapter: train_adapter's exact order."""
+    """(epoch, kind, examples) for every step of one adapter, whatever pack it is in."""
     return [(e, kind, exs) for e in range(cfg.epochs) for kind, exs in make_batches(ts, cfg.batch_size, cfg.seed, e)]
 
 
@@ -189,23 +190,21 @@ def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: 
     """Forward + backward of one packed step; returns per-slot [K, 3] sums of (sft, pg, kl)
     per-token losses and [K, 3] token counts, summed over ranks, stacked as [2, K, 3]."""
     k = pack.n_adapters
+    # Token counts of the whole step (all ranks, all chunks), per adapter and part (PARTS).
     counts = torch.zeros(k, 3)
     for slot, kind, ex in samples:
         ce, kl = _counts(ex)
         counts[slot, 0 if kind == "sft" else 1] += ce
-        counts[slot, 2] += kl if kind == "sft" else 0
-    w = torch.tensor([cfg.w_sft, cfg.w_pg, cfg.w_kl])
-    # Weight per (adapter, part) so that sum over samples = sum_k sum_part w * mean_k,part.
+        # KL is a part only where it is trained (w_kl > 0) and the teacher's rows are.
+        counts[slot, 2] += kl if kind == "sft" and cfg.w_kl > 0 else 0
     # The factor `world` undoes DeepSpeed's gradient averaging over ranks.
-    scale = torch.where(counts > 0, w / counts.clamp_min(1), torch.zeros(())) * world
-    if not cfg.w_kl:
-        scale[:, 2] = 0
+    scale = token_scale(counts, (cfg.w_sft, cfg.w_pg, cfg.w_kl)) * world
     local = samples[rank::world]
     sums = torch.zeros(k, 3)
     backward = backward or (lambda loss, last: loss.backward())
     # Forward/backward in chunks: `micro_batch` sequences when given, else as many as fit in
-    # train.max_batch_tokens padded tokens (the same rule as the one-adapter loop). `scale`
-    # holds the whole step's token counts, so the split never changes the gradient.
+    # train.max_batch_tokens padded tokens. `scale` holds the whole step's token counts, so
+    # the split never changes the gradient.
     if micro_batch:
         chunks = [local[i:i + micro_batch] for i in range(0, len(local), micro_batch)]
     else:
@@ -272,15 +271,14 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
             opt.step()
             opt.zero_grad(set_to_none=True)
         prog.tokens += sum(len(ex) for _, _, ex in samples)
+        losses, means = joint_loss(sums, counts, weights)
         for i in active:
             epoch, kind = plans[i][prog.step[i]][:2]
-            means = torch.where(counts[i] > 0, sums[i] / counts[i].clamp_min(1), torch.zeros(()))
-            loss = sum(w * float(m) for w, m, n in zip(weights, means, counts[i]) if n > 0)
-            logs = {"step": prog.step[i], "epoch": epoch, "kind": kind, "loss": loss,
+            logs = {"step": prog.step[i], "epoch": epoch, "kind": kind, "loss": float(losses[i]),
                     "grad_norm": float(inner.last_grad_norms[i]), "lr": lr_at(prog.step[i], prog.total[i], cfg)}
-            logs.update({name: float(m) for name, m, n in zip(("sft", "pg", "kl"), means, counts[i]) if n > 0})
+            logs.update({name: float(m) for name, m, n in zip(PARTS, means[i], counts[i]) if n > 0})
             prog.history[i].append(logs)
-            prog.cur_sum[i] += loss
+            prog.cur_sum[i] += logs["loss"]
             prog.cur_n[i] += 1
             prog.step[i] += 1
             last_of_epoch = prog.step[i] == prog.total[i] or plans[i][prog.step[i]][0] != epoch
@@ -306,7 +304,7 @@ def _end_epoch(prog: PackProgress, i: int, cfg: TrainConfig) -> None:
 
 
 def adapter_stats(prog: PackProgress, i: int, member: PackMember) -> dict:
-    """train.json content for one adapter of a finished pack (the train_adapter fields)."""
+    """train.json content for one adapter of a finished pack."""
     from collections import Counter
 
     hist = prog.history[i]

@@ -1,12 +1,14 @@
 """Train many prompts' adapters: token-balanced packs, Ray Train workers, DeepSpeed ZeRO.
 
-Driver (:func:`train_many`): reads each prompt's synthesized data, drops (and reports as
-failed) prompts whose data cannot be used, skips prompts whose adapter is already in the
-store, groups the rest into token-balanced packs (:func:`plan_packs`, Ray-free) and runs one
-``TorchTrainer``. Workers load the base once, then train the packs one after another, all
+The Ray runner of :mod:`genpi.train.jobs` (whose :func:`~genpi.train.jobs.train_local` runs
+the same packs in-process). Driver (:func:`train_many`): reads each prompt's synthesized
+data, drops (and reports as failed) prompts whose data cannot be used, skips prompts whose
+adapter is already in the store, groups the rest into token-balanced packs
+(:func:`~genpi.train.jobs.plan_packs`) and runs one ``TorchTrainer``. Workers load the base once, then train the packs one after another, all
 workers on the same pack (data parallel within a pack -- see the module README section in
 the report / bench for the measurement behind that choice). When a pack finishes, rank 0
-writes each adapter (``<pdir>/adapter``, atomic) and ``<pdir>/train.json`` at once.
+writes each adapter (``<pdir>/adapter``, atomic) and ``<pdir>/train.json`` at once
+(:func:`~genpi.train.jobs.write_pack`, as the local runner does).
 
 Checkpoints go through Ray Train (``ray.train.report``): DeepSpeed's checkpoint of the
 trainable parameters only (``exclude_frozen_parameters``: the LoRA stacks, the optimizer
@@ -19,79 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 from genpi.config import GenpiConfig
+from genpi.train.jobs import ADAPTER_FILE, TrainJob, TrainOutcome, peak_memory, plan_packs, prepare_jobs, write_pack
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter/adapter_model.safetensors"
-
-
-@dataclass
-class TrainJob:
-    prompt_id: str
-    pdir: str  # the prompt's folder in the store (holds synth/)
-    prompt: str
-
-
-@dataclass
-class TrainOutcome:
-    prompt_id: str
-    pdir: str
-    status: str  # trained | skipped | failed
-    error: str | None = None
-    pack: int | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-# ---- Ray-free planning ---------------------------------------------------------------------
-def plan_packs(tokens: dict[str, int], pack_size: int) -> list[list[str]]:
-    """Group prompts into ceil(n / pack_size) packs of at most pack_size with balanced tokens.
-
-    Longest-processing-time greedy: the largest remaining prompt goes to the pack with the
-    fewest tokens that still has room. A pack's step cost is the sum of its active
-    adapters' batches, so its duration follows its total tokens; balanced packs finish at
-    a steady pace (adapters get published evenly through the run)."""
-    if pack_size < 1:
-        raise ValueError("pack_size must be >= 1")
-    if not tokens:
-        return []
-    n_packs = -(-len(tokens) // pack_size)
-    packs: list[list[str]] = [[] for _ in range(n_packs)]
-    load = [0] * n_packs
-    for key in sorted(tokens, key=lambda k: (-tokens[k], k)):
-        open_packs = [i for i in range(n_packs) if len(packs[i]) < pack_size]
-        i = min(open_packs, key=lambda j: (load[j], j))
-        packs[i].append(key)
-        load[i] += tokens[key]
-    return packs
-
-
-def prepare_jobs(cfg: GenpiConfig, store, tok, jobs: list[TrainJob]):
-    """(training sets by prompt id, outcomes for skipped/failed jobs). Broken data fails one prompt only."""
-    from genpi.synth.pipeline import load_synth
-    from genpi.train.loop import build_examples
-
-    sets, outcomes = {}, []
-    for job in jobs:
-        if store.exists(f"{job.pdir}/{ADAPTER_FILE}"):
-            outcomes.append(TrainOutcome(job.prompt_id, job.pdir, "skipped"))
-            continue
-        try:
-            ts = build_examples(tok, load_synth(store, job.pdir), job.prompt, cfg.train)
-            if not ts.examples:
-                raise ValueError(f"no usable training examples (dropped: {dict(ts.dropped)})")
-            sets[job.prompt_id] = ts
-        except Exception as e:  # one prompt's broken data must not stop the others
-            outcomes.append(TrainOutcome(job.prompt_id, job.pdir, "failed", error=f"{type(e).__name__}: {e}"))
-            log.error("%s: cannot train: %s", job.prompt_id, e)
-    return sets, outcomes
 
 
 def deepspeed_config(zero_stage: int, bf16: bool) -> dict:
@@ -116,15 +54,6 @@ def ensure_torch_extensions_dir() -> str:
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
-def peak_memory() -> dict[str, float]:
-    import torch
-
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
 # ---- the Ray Train worker ------------------------------------------------------------------
 def _worker(config: dict) -> None:
     import deepspeed
@@ -134,8 +63,10 @@ def _worker(config: dict) -> None:
 
     from genpi.models import load_model
     from genpi.store import Store
+    from genpi.synth.pipeline import load_synth
+    from genpi.train.loop import build_examples
     from genpi.train.multilora import PackedLora
-    from genpi.train.packed import PackedAdamW, PackMember, PackProgress, adapter_stats, train_pack
+    from genpi.train.packed import PackedAdamW, PackMember, PackProgress, train_pack
 
     cfg = GenpiConfig.model_validate(config["cfg"])
     store = Store(config["store_uri"])
@@ -159,13 +90,10 @@ def _worker(config: dict) -> None:
     total_steps = [0]
 
     for p in range(start_pack, len(packs)):
-        jobs = packs[p]
+        jobs = [TrainJob(**j) for j in packs[p]]
         # Every rank reads the data itself (no large objects through Ray); the driver already
         # checked it, so this cannot fail for data reasons.
-        from genpi.synth.pipeline import load_synth
-        from genpi.train.loop import build_examples
-
-        members = [PackMember(j["prompt_id"], build_examples(tok, load_synth(store, j["pdir"]), j["prompt"], cfg.train),
+        members = [PackMember(j.prompt_id, build_examples(tok, load_synth(store, j.synth_dir), j.prompt, cfg.train),
                               seed=cfg.train.seed) for j in jobs]
         pack = PackedLora(model, len(members), cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.target_modules,
                           cfg.train.lora_dropout, seeds=[m.seed for m in members])
@@ -202,17 +130,11 @@ def _worker(config: dict) -> None:
         mem = [None] * world
         dist.all_gather_object(mem, peak_memory()) if world > 1 else mem.__setitem__(0, peak_memory())
         if rank == 0:
-            for i, (m, j) in enumerate(zip(members, jobs)):
-                stats = adapter_stats(prog, i, m)
-                stats.update(pack=p, pack_size=len(members), pack_seconds=prog.seconds, pack_tokens=prog.tokens,
-                             tokens_per_s=prog.tokens / max(prog.seconds, 1e-9), workers=world,
-                             zero_stage=cfg.train.zero_stage, worker_memory=mem,
-                             resumed_at_pack_step=resumed_at)
-                with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
-                    pack.export_peft(i, tmp, base_model_name=resolved.path)
-                    store.write_json(f"{j['pdir']}/train.json", stats)
-                    store.put_dir(tmp, f"{j['pdir']}/adapter")  # published as soon as its pack ends
-                log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), m.key, stats["stop_reason"])
+            stats = write_pack(store, pack, prog, members, jobs, resolved.path, p,
+                               {"workers": world, "zero_stage": cfg.train.zero_stage, "worker_memory": mem,
+                                "resumed_at_pack_step": resumed_at})
+            for key, st in stats.items():
+                log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), key, st["stop_reason"])
         if world > 1:
             dist.barrier()
         pack.remove()
@@ -265,7 +187,6 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
     ``storage_path`` (Ray Train's checkpoints and results) defaults to ``<store>/runs/train``,
     so a job's checkpoints live next to its artifacts on a cluster's shared store.
     ``_fail_after_steps`` injects one worker failure after that many steps (tests only)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -282,8 +203,9 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
     pack_of = {k: i for i, pack in enumerate(packs) for k in pack}
     error = None
     if packs:
-        if not ray.is_initialized():
-            ray.init(address=cfg.cluster.address, include_dashboard=False)
+        from genpi.rayinit import ensure_ray
+
+        ensure_ray(cfg.cluster)
         run_name = run_name or f"train-{int(time.time())}"
         gpu = cfg.cluster.gpus_per_train_worker > 0
         scratch = tempfile.mkdtemp(prefix="genpi-train-")

@@ -1,0 +1,132 @@
+"""Plan a run: validate every prompt against the model, fingerprint it, estimate its cost.
+
+The fingerprint holds content only (prompt, seed inputs, checks, base model and revision,
+tokenizer, the stage settings that change what a stage produces); settings that change how
+a stage runs are left out by `GenpiConfig.stage_dict`, so changing them redoes nothing.
+Ray-free and model-weight-free: planning needs the tokenizer and the model's config only.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from genpi.config import ConfigError, GenpiConfig
+from genpi.manifest import ManifestError, PromptEntry, validate_prompt_lengths
+from genpi.pipeline.records import PromptPlan
+from genpi.store import Store, fingerprint
+
+# The plan lists prompts one per line up to this many; beyond, totals and what needs work.
+MAX_PLAN_LINES = 40
+
+
+def tokenizer_identity(tok) -> str:
+    blob = f"{type(tok).__name__}:{len(tok)}:{tok.chat_template}:{tok.eos_token}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def prompt_fingerprint(entry: PromptEntry, cfg: GenpiConfig, model_identity: str, tok_identity: str) -> str:
+    return fingerprint(
+        {
+            "prompt": entry.prompt,
+            "seed_inputs": entry.seed_inputs,
+            "checks": [c.model_dump(mode="json") for c in entry.checks],
+            "model": model_identity,
+            "model_revision": cfg.model.revision,
+            "tokenizer": tok_identity,
+            "top_k_logprobs": cfg.engine.top_k_logprobs,
+            "synth": cfg.stage_dict("synth"),
+            "train": cfg.stage_dict("train"),
+            "eval": cfg.stage_dict("eval"),
+        }
+    )
+
+
+@dataclass
+class ModelFacts:
+    """What planning needs from the base model: its identity, tokenizer and context."""
+    identity: str
+    path: str
+    tok: Any
+    context: int
+
+
+def model_facts(cfg: GenpiConfig) -> ModelFacts:
+    from transformers import AutoConfig
+
+    from genpi.models import context_limit, load_tokenizer, resolve_model
+
+    resolved = resolve_model(cfg.model)
+    tok = load_tokenizer(cfg.model)
+    context = context_limit(AutoConfig.from_pretrained(resolved.path, revision=cfg.model.revision), cfg.model)
+    return ModelFacts(resolved.identity, resolved.path, tok, context)
+
+
+def check_lengths(entries: list[PromptEntry], tok, context: int, cfg: GenpiConfig) -> None:
+    """A prompt must leave room for an input and a reply inside the model's context."""
+    budget = context - cfg.synth.reply_max_new_tokens - 128
+    if budget <= 0:
+        raise ConfigError(
+            f"model.max_context: a context of {context} tokens leaves no room for a prompt after "
+            f"{cfg.synth.reply_max_new_tokens} reply tokens (synth.reply_max_new_tokens) and 128 input tokens; "
+            "raise model.max_context or lower synth.reply_max_new_tokens"
+        )
+    problems = validate_prompt_lengths(entries, lambda s: len(tok(s, add_special_tokens=False)["input_ids"]), budget)
+    if problems:
+        raise ManifestError(problems)
+
+
+def plan(entries: list[PromptEntry], cfg: GenpiConfig, store: Store, facts: ModelFacts) -> list[PromptPlan]:
+    """Per-prompt configs and fingerprints, and whether each is already published."""
+    check_lengths(entries, facts.tok, facts.context, cfg)
+    reg = store.registry()
+    tid = tokenizer_identity(facts.tok)
+    plans = []
+    for e in entries:
+        pcfg = cfg.with_overrides(e.overrides, f"prompt '{e.id}' overrides") if e.overrides else cfg
+        fp = prompt_fingerprint(e, pcfg, facts.identity, tid)
+        if store.is_done(e.id, fp):
+            status = "unchanged"
+        else:
+            status = "changed" if e.id in reg else "new"
+        n_tokens = len(facts.tok(e.prompt, add_special_tokens=False)["input_ids"])
+        plans.append(PromptPlan(e, pcfg, fp, status, n_tokens))
+    return plans
+
+
+def token_budget(p: PromptPlan) -> dict[str, int]:
+    """A rough count of the tokens a prompt costs: generated, prefilled, trained on."""
+    s, t = p.cfg.synth, p.cfg.train
+    n_pg = 0 if t.pg_target == "off" or t.w_pg == 0 else min(s.n_pg_examples, s.n_train_inputs)
+    replies = s.n_train_inputs * (1 + s.teacher_samples)
+    turns = s.roleplay_conversations * max(0, s.roleplay_max_turns - 1)
+    inputs_calls = math.ceil((s.n_train_inputs + s.n_heldout_inputs) / 6)
+    generated = (inputs_calls * s.input_max_new_tokens + (replies + n_pg) * s.reply_max_new_tokens
+                 + n_pg * s.reason_max_new_tokens + turns * (s.env_max_new_tokens + s.reply_max_new_tokens))
+    prefill = (inputs_calls + replies + 2 * turns) * (p.prompt_tokens + 40)
+    trained = t.epochs * (replies * (40 + s.reply_max_new_tokens) + n_pg * (p.prompt_tokens + 3 * s.reply_max_new_tokens))
+    return {"generated": generated, "prefill": prefill, "trained": trained}
+
+
+def format_plan(plans: list[PromptPlan], force: bool = False) -> str:
+    """The plan as people read it: counts, one line per prompt (up to MAX_PLAN_LINES), the budget."""
+    counts = Counter(p.status for p in plans)
+    todo = [p for p in plans if force or p.status != "unchanged"]
+    total: Counter = Counter()
+    for p in todo:
+        total.update(token_budget(p))
+    shown = plans if len(plans) <= MAX_PLAN_LINES else todo[:MAX_PLAN_LINES]
+    lines = []
+    for p in shown:
+        b = token_budget(p) if p in todo else {}
+        budget = f"~{b['generated']:,} generated, ~{b['trained']:,} trained tokens" if b else "nothing to do"
+        lines.append(f"  {p.id:<28} {p.status:<10} {p.fingerprint}  {p.prompt_tokens:>6} prompt tokens  {budget}")
+    if len(shown) < len(plans):
+        lines.append(f"  ... {len(plans) - len(shown)} more prompts (every one is in the run report)")
+    head = (f"plan: {len(plans)} prompts: {counts['new']} new, {counts['changed']} changed, "
+            f"{counts['unchanged']} unchanged" + (" (--force: every prompt is redone)" if force else ""))
+    tail = (f"estimated budget for {len(todo)} prompts: ~{total['generated']:,} generated tokens, "
+            f"~{total['prefill']:,} prefill tokens, ~{total['trained']:,} training tokens")
+    return "\n".join([head, *lines, tail])

@@ -1,0 +1,156 @@
+"""The pipeline: plan -> synthesize -> train -> evaluate -> publish, as explicit calls.
+
+`internalize(manifest, cfg, runner_kind)` is what both entry points call: `genpi internalize`
+with the in-process runner, `jobs/internalize_many.py` with the Ray runner. A runner
+decides only where work runs (`genpi.pipeline.local`, `genpi.pipeline.ray_runner`); what
+is read and written per prompt is the same (`genpi.pipeline.stages`). Each stage runs over
+every prompt still in the run and writes its outputs to the store before the next starts,
+so a run killed at any moment and started again redoes only unfinished stages. A prompt
+that fails is recorded with its stage and error; the others go on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from genpi.config import GenpiConfig
+from genpi.pipeline import stages
+from genpi.pipeline.plan import format_plan, model_facts, plan
+from genpi.pipeline.records import PromptOutcome, PromptPlan
+from genpi.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """One run's outcomes, one per prompt, updated stage by stage."""
+
+    def __init__(self, plans: list[PromptPlan]):
+        self.id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.plans = plans
+        self.out = {p.id: PromptOutcome(p.id, p.fingerprint, prompt_tokens=p.prompt_tokens) for p in plans}
+        self.stage_seconds: dict[str, float] = {}
+
+    def live(self) -> list[PromptPlan]:
+        return [p for p in self.plans if self.out[p.id].status == "pending"]
+
+    def fail(self, pid: str, stage: str, error: str) -> None:
+        o = self.out[pid]
+        o.status, o.failed_stage, o.error = "failed", stage, error
+        log.error("%s: %s failed: %s", pid, stage, error)
+
+    def outcomes(self) -> list[PromptOutcome]:
+        return [self.out[p.id] for p in self.plans]
+
+    def stage_done(self, stage: str, t0: float) -> None:
+        self.stage_seconds[stage] = round(time.time() - t0, 2)
+        ready = sum(o.status == "pending" for o in self.out.values())
+        failed = sum(o.failed_stage == stage for o in self.out.values())
+        print(f"[{stage}] {ready} prompts ready for the next stage, {failed} failed, "
+              f"{self.stage_seconds[stage]:.0f} s", flush=True)
+
+
+def synthesize(run: Run, runner, store: Store) -> None:
+    from genpi.synth.pipeline import SynthJob, format_summaries, synthesize_many
+
+    live = run.live()
+    t0 = time.time()
+    results = synthesize_many([SynthJob(p.entry, p.cfg, store.prompt_dir(p.id, p.fingerprint)) for p in live],
+                              store, runner.synth_runner())
+    print(format_summaries(results), flush=True)
+    for pid, r in results.items():
+        run.out[pid].seconds["synth"] = round((time.time() - t0) / max(1, len(live)), 2)
+        if "error" in r:
+            run.fail(pid, "synth", r["error"])
+    run.stage_done("synth", t0)
+
+
+def train(run: Run, runner, store: Store, cfg: GenpiConfig) -> None:
+    from genpi.train.jobs import TrainJob
+
+    t0 = time.time()
+    # Prompts whose own overrides change the training settings train in packs of their own.
+    groups: dict[str, list[PromptPlan]] = defaultdict(list)
+    for p in run.live():
+        groups[p.cfg.train.model_dump_json()].append(p)
+    for i, members in enumerate(groups.values()):
+        gcfg = cfg.model_copy(update={"train": members[0].cfg.train})
+        jobs = [TrainJob(p.id, store.prompt_dir(p.id, p.fingerprint), p.entry.prompt) for p in members]
+        g0 = time.time()
+        for o in runner.train(gcfg, store, jobs, run_name=f"train-{run.id}-{i}"):
+            run.out[o.prompt_id].seconds["train"] = round((time.time() - g0) / max(1, len(jobs)), 2)
+            if o.status == "failed":
+                run.fail(o.prompt_id, "train", o.error or "training failed")
+    run.stage_done("train", t0)
+
+
+def evaluate_and_publish(run: Run, runner, store: Store) -> None:
+    """Evaluate each trained adapter and publish it as soon as its evaluation is written."""
+    t0 = time.time()
+    by_id = {p.id: p for p in run.live()}
+    for pid, ev, error, seconds in runner.evaluate(list(by_id.values()), store):
+        o = run.out[pid]
+        o.seconds["eval"] = round(seconds, 2)
+        if error:
+            run.fail(pid, "eval", error)
+            continue
+        stages.publish(store, by_id[pid], ev, o)
+    run.stage_done("eval", t0)
+
+
+def make_runner(kind: str, cfg: GenpiConfig, facts):
+    if kind == "local":
+        from genpi.pipeline.local import LocalRunner
+
+        return LocalRunner(cfg, facts)
+    if kind == "ray":
+        from genpi.pipeline.ray_runner import RayRunner
+
+        return RayRunner(cfg, facts)
+    raise ValueError(f"unknown runner {kind!r} (local or ray)")
+
+
+def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: bool = False,
+                force: bool = False) -> int:
+    """Plan, then synthesize, train, evaluate and publish every prompt that needs it; the exit
+    status (0: every prompt published or unchanged, 1: some failed). Bad input raises
+    ConfigError/ManifestError/ModelError before anything is started or written."""
+    from genpi.pipeline.summary import finish_report
+    from genpi.manifest import load_manifest
+
+    t0 = time.time()
+    # The whole manifest is validated (every problem listed at once) before anything is created.
+    entries = load_manifest(manifest, validate_overrides=lambda o: cfg.with_overrides(o))
+    store = open_store(cfg.store, create=False)
+    facts = model_facts(cfg)
+    plans = plan(entries, cfg, store, facts)
+    print(format_plan(plans, force=force), flush=True)
+    todo = [p for p in plans if force or p.status != "unchanged"]
+    stale = [p for p in plans if p not in todo and store.published(p.id) != p.fingerprint]
+    if dry_run:
+        return 0
+    if not todo and not stale:
+        # Nothing to do: succeed without writing anything (the store may well be read-only).
+        print(f"0 published, {len(plans)} unchanged (skipped), 0 failed: nothing to do, nothing written",
+              flush=True)
+        return 0
+    # Fail before Ray starts or a model loads when the store cannot take our files.
+    store.check_writable()
+    run = Run(plans)
+    for p in plans:
+        if p in todo:
+            if force:
+                stages.clear(store, p)
+            stages.write_spec(store, p, facts.identity)
+        else:
+            stages.skip(store, p, run.out[p.id])
+    if todo:
+        runner = make_runner(runner_kind, cfg, facts)
+        synthesize(run, runner, store)
+        if run.live():
+            train(run, runner, store, cfg)
+        if run.live():
+            evaluate_and_publish(run, runner, store)
+    return finish_report(store, run, manifest, time.time() - t0, started_at=t0)
