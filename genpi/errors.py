@@ -8,3 +8,8 @@ from genpi.models import ModelError
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, ModelError, LookupError,
                                                  FileNotFoundError)
+
+
+class ResourceError(RuntimeError):
+    """The Ray cluster cannot provide what a stage asks for; the message names the stage and
+    what is missing. The pipeline records it as that stage's failure of every prompt in it."""

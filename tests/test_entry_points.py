@@ -227,3 +227,18 @@ def test_version_and_help_texts(capsys):
         assert any(c.dest == name and c.help for c in subs._choices_actions), name
         for action in sub._actions:
             assert action.help or action.dest == "help", f"genpi {name}: {action.dest} has no help"
+
+
+def test_a_stage_the_cluster_cannot_run_fails_its_prompts_with_a_report(ray_local, tiny_overrides, write_manifest,
+                                                                       tmp_path, capsys):
+    """Engine actors asking for a GPU on a CPU-only Ray: synthesis fails every prompt with what
+    is missing (named in the report), exit status 1, nothing published, no traceback."""
+    store = tmp_path / "store"
+    cfg = load_config(None, [*tiny_overrides, f"store={store}", "cluster.gpus_per_engine_actor=1"])
+    assert internalize(str(write_manifest(PROMPT)), cfg, "ray") == 1
+    out = capsys.readouterr().out
+    assert "FAILED pirate (synth): ResourceError: synthesis needs an engine actor with 1 CPU and 1 GPU" in out
+    [report] = (store / "runs").glob("*/report.json")
+    [row] = json.loads(report.read_text())["prompts"]
+    assert row["status"] == "failed" and row["failed_stage"] == "synth" and "cluster.gpus_per_engine_actor" in row["error"]
+    assert not (store / "registry.json").exists()

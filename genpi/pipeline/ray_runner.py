@@ -19,15 +19,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from genpi.config import GenpiConfig
+from genpi.errors import ResourceError
 from genpi.pipeline.records import PromptPlan
 from genpi.rayinit import ensure_ray
 from genpi.store import Store, worker_env
 
 log = logging.getLogger(__name__)
-
-
-class ResourceError(RuntimeError):
-    """The Ray cluster cannot provide what the config asks for; the message says what is missing."""
 
 
 def check_resources(cfg: GenpiConfig, stage: str, actors: int) -> int:

@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 
 from genpi.config import GenpiConfig
+from genpi.errors import ResourceError
 from genpi.pipeline import stages
 from genpi.pipeline.plan import format_plan, model_facts, plan
 from genpi.pipeline.records import PromptOutcome, PromptPlan
@@ -44,6 +45,12 @@ class Run:
     def outcomes(self) -> list[PromptOutcome]:
         return [self.out[p.id] for p in self.plans]
 
+    def fail_all(self, stage: str, error: str) -> None:
+        """A stage that cannot run at all (e.g. the cluster lacks what it needs) fails every
+        prompt still in the run, so the report says why and the exit status is 1."""
+        for p in self.live():
+            self.fail(p.id, stage, error)
+
     def stage_done(self, stage: str, t0: float) -> None:
         self.stage_seconds[stage] = round(time.time() - t0, 2)
         ready = sum(o.status == "pending" for o in self.out.values())
@@ -57,8 +64,14 @@ def synthesize(run: Run, runner, store: Store) -> None:
 
     live = run.live()
     t0 = time.time()
+    try:
+        synth_runner = runner.synth_runner()
+    except ResourceError as e:
+        run.fail_all("synth", f"ResourceError: {e}")
+        run.stage_done("synth", t0)
+        return
     results = synthesize_many([SynthJob(p.entry, p.cfg, store.prompt_dir(p.id, p.fingerprint)) for p in live],
-                              store, runner.synth_runner())
+                              store, synth_runner)
     print(format_summaries(results), flush=True)
     for pid, r in results.items():
         run.out[pid].seconds["synth"] = round((time.time() - t0) / max(1, len(live)), 2)
@@ -90,13 +103,16 @@ def evaluate_and_publish(run: Run, runner, store: Store) -> None:
     """Evaluate each trained adapter and publish it as soon as its evaluation is written."""
     t0 = time.time()
     by_id = {p.id: p for p in run.live()}
-    for pid, ev, error, seconds in runner.evaluate(list(by_id.values()), store):
-        o = run.out[pid]
-        o.seconds["eval"] = round(seconds, 2)
-        if error:
-            run.fail(pid, "eval", error)
-            continue
-        stages.publish(store, by_id[pid], ev, o)
+    try:
+        for pid, ev, error, seconds in runner.evaluate(list(by_id.values()), store):
+            o = run.out[pid]
+            o.seconds["eval"] = round(seconds, 2)
+            if error:
+                run.fail(pid, "eval", error)
+                continue
+            stages.publish(store, by_id[pid], ev, o)
+    except ResourceError as e:
+        run.fail_all("eval", f"ResourceError: {e}")
     run.stage_done("eval", t0)
 
 
