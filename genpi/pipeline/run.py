@@ -144,7 +144,12 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
     plans = plan(entries, cfg, store, facts)
     print(format_plan(plans, force=force), flush=True)
     todo = [p for p in plans if force or p.status != "unchanged"]
-    stale = [p for p in plans if p not in todo and store.published(p.id) != p.fingerprint]
+    todo_ids = {p.id for p in todo}
+    # One registry read for the whole manifest (hundreds of prompts, maybe on an object store);
+    # an unchanged prompt is DONE already, so only its registry entry can be stale.
+    registry = store.registry()
+    stale = [p for p in plans if p.id not in todo_ids
+             and registry.get(p.id, {}).get("fingerprint") != p.fingerprint]
     if dry_run:
         return 0
     if not todo and not stale:
@@ -156,7 +161,7 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
     store.check_writable()
     run = Run(plans)
     for p in plans:
-        if p in todo:
+        if p.id in todo_ids:
             if force:
                 stages.clear(store, p)
             stages.write_spec(store, p, facts.identity)
