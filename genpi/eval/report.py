@@ -96,15 +96,19 @@ def write_run_report(store, plans, outcomes, seconds: float, run_id: str | None 
         f"{len(outcomes)} prompts: {sum(r.status == 'published' for r in outcomes)} published, "
         f"{sum(r.status == 'skipped' for r in outcomes)} unchanged (skipped), {n_failed} failed; "
         f"{seconds / 60:.1f} min in all.",
+    ]
+    # The failures first: at hundreds of prompts they would be lost below the table.
+    for r in outcomes:
+        if r.error:
+            stage = f" (stage: {r.failed_stage})" if r.failed_stage else ""
+            md += ["", f"**{r.id} failed**: {r.error}{stage}"]
+    md += [
         "",
         _table(["prompt", "status", "KL ratio", "agreement ratio", "check ratios", "tokens saved/request",
                 "leak", "seconds"], rows),
         "",
         "Ratios are (adapter - base) / (teacher - base) on held-out inputs: 1 = as if prompted, 0 = as the bare model.",
     ]
-    for r in outcomes:
-        if r.error:
-            md += ["", f"**{r.id} failed**: {r.error}"]
     for r in outcomes:
         if r.eval is not None:
             md += ["", format_eval(r.eval)]

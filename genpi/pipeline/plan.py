@@ -18,8 +18,10 @@ from genpi.manifest import ManifestError, PromptEntry, validate_prompt_lengths
 from genpi.pipeline.records import PromptPlan
 from genpi.store import Store, fingerprint
 
-# The plan lists prompts one per line up to this many; beyond, totals and what needs work.
-MAX_PLAN_LINES = 40
+# The plan lists prompts one per line up to this many; beyond, totals and the odd ones out
+# (at most MAX_ODD_LINES of them), so that a plan of hundreds of prompts fits a screen.
+MAX_PLAN_LINES = 20
+MAX_ODD_LINES = 15
 
 
 def tokenizer_identity(tok) -> str:
@@ -110,21 +112,49 @@ def token_budget(p: PromptPlan) -> dict[str, int]:
     return {"generated": generated, "prefill": prefill, "trained": trained}
 
 
+def _plan_line(p: PromptPlan, todo: bool, why: str = "") -> str:
+    b = token_budget(p) if todo else {}
+    budget = f"~{b['generated']:,} generated, ~{b['trained']:,} trained tokens" if b else "nothing to do"
+    return (f"  {p.id:<28} {p.status:<10} {p.fingerprint}  {p.prompt_tokens:>6} prompt tokens  {budget}"
+            + (f"  [{why}]" if why else ""))
+
+
+def _odd_ones(plans: list[PromptPlan]) -> list[tuple[PromptPlan, str]]:
+    """The prompts that differ from the bulk: a status other than the commonest one (e.g. the
+    few changed among hundreds unchanged), or settings of their own (per-prompt overrides)."""
+    common = Counter(p.status for p in plans).most_common(1)[0][0]
+    odd = []
+    for p in plans:
+        why = [p.status] if p.status != common else []
+        if p.entry.overrides:
+            why.append("own settings: " + ", ".join(sorted(p.entry.overrides)))
+        if why:
+            odd.append((p, "; ".join(why)))
+    return odd
+
+
 def format_plan(plans: list[PromptPlan], force: bool = False) -> str:
-    """The plan as people read it: counts, one line per prompt (up to MAX_PLAN_LINES), the budget."""
+    """The plan as people read it: counts, one line per prompt (up to MAX_PLAN_LINES prompts;
+    beyond, the prompt lengths and the odd ones out), the budget."""
     counts = Counter(p.status for p in plans)
     todo = [p for p in plans if force or p.status != "unchanged"]
+    todo_ids = {id(p) for p in todo}
     total: Counter = Counter()
     for p in todo:
         total.update(token_budget(p))
-    shown = plans if len(plans) <= MAX_PLAN_LINES else todo[:MAX_PLAN_LINES]
-    lines = []
-    for p in shown:
-        b = token_budget(p) if p in todo else {}
-        budget = f"~{b['generated']:,} generated, ~{b['trained']:,} trained tokens" if b else "nothing to do"
-        lines.append(f"  {p.id:<28} {p.status:<10} {p.fingerprint}  {p.prompt_tokens:>6} prompt tokens  {budget}")
-    if len(shown) < len(plans):
-        lines.append(f"  ... {len(plans) - len(shown)} more prompts (every one is in the run report)")
+    if len(plans) <= MAX_PLAN_LINES:
+        lines = [_plan_line(p, id(p) in todo_ids) for p in plans]
+    else:
+        lengths = sorted(plans, key=lambda p: p.prompt_tokens)
+        longest = lengths[-1]
+        lines = [f"  prompt tokens: min {lengths[0].prompt_tokens}, median {lengths[len(lengths) // 2].prompt_tokens}, "
+                 f"max {longest.prompt_tokens} ({longest.id})"]
+        odd = _odd_ones(plans)
+        lines += [_plan_line(p, id(p) in todo_ids, why) for p, why in odd[:MAX_ODD_LINES]]
+        if len(odd) > MAX_ODD_LINES:
+            lines.append(f"  ... and {len(odd) - MAX_ODD_LINES} more that differ from the rest")
+        lines.append(f"  ({len(plans) - min(len(odd), MAX_ODD_LINES)} prompts not listed; "
+                     "the run report lists every prompt with its fingerprint)")
     head = (f"plan: {len(plans)} prompts: {counts['new']} new, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged" + (" (--force: every prompt is redone)" if force else ""))
     tail = (f"estimated budget for {len(todo)} prompts: ~{total['generated']:,} generated tokens, "

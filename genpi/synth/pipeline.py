@@ -318,12 +318,52 @@ def load_synth(store: Store, pdir: str) -> dict:
     return out
 
 
+# The synthesis summary has one line per prompt up to this many prompts; beyond, totals, the
+# failures (at most this many) and the prompts short of usable inputs.
+MAX_SUMMARY_LINES = 20
+
+
+def _first_line(error: str, limit: int) -> str:
+    line = (error.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def format_summaries(results: dict[str, dict]) -> str:
-    """The per-prompt synthesis summary a person reads at the end."""
+    """The synthesis summary a person reads on the console: a table of every prompt for a few
+    prompts; totals, failures and outliers (each list capped) for hundreds."""
+    if len(results) <= MAX_SUMMARY_LINES:
+        return _summary_table(results)
+    failed = {pid: r["error"] for pid, r in results.items() if "error" in r}
+    ok = [r for r in results.values() if "error" not in r]
+    reused = sum(1 for r in ok if r.get("skipped"))
+    inp = [r["summary"]["inputs"] for r in ok]
+    convs = [r["summary"].get("conversations", {}) for r in ok]
+    low = sorted(pid for pid, r in results.items()
+                 if "error" not in r and r["summary"]["inputs"].get("below_diversity_target"))
+    lines = [
+        f"synthesis: {len(results)} prompts: {len(ok) - reused} done, {reused} reused, {len(failed)} failed",
+        f"  inputs kept {sum(i['kept'] for i in inp):,}/{sum(i.get('wanted', i['kept']) for i in inp):,} "
+        f"(dropped {sum(sum(i['dropped'].values()) for i in inp):,}); "
+        f"replies {sum(r['summary']['to_be_replies'] for r in ok):,}; "
+        f"conversations {sum(c.get('count', 0) for c in convs):,} with {sum(c.get('agent_turns', 0) for c in convs):,} agent turns",
+    ]
+    if low:
+        shown = ", ".join(low[:MAX_SUMMARY_LINES]) + (f" and {len(low) - MAX_SUMMARY_LINES} more"
+                                                      if len(low) > MAX_SUMMARY_LINES else "")
+        lines.append(f"  {len(low)} below the input diversity target: {shown}")
+    for pid in sorted(failed)[:MAX_SUMMARY_LINES]:
+        lines.append(f"  FAILED {pid}: {_first_line(failed[pid], 160)}")
+    if len(failed) > MAX_SUMMARY_LINES:
+        lines.append(f"  ... and {len(failed) - MAX_SUMMARY_LINES} more failures (every one is in the run report)")
+    lines.append("  per-prompt figures: synth/summary.json in each prompt's directory of the store")
+    return "\n".join(lines)
+
+
+def _summary_table(results: dict[str, dict]) -> str:
     lines = [f"{'prompt':<24} {'status':<8} {'inputs':>10} {'dropped':>8} {'replies':>8} {'convs':>6} {'turns':>6}"]
     for pid, r in sorted(results.items()):
         if "error" in r:
-            lines.append(f"{pid:<24} {'FAILED':<8} {r['error'][:80]}")
+            lines.append(f"{pid:<24} {'FAILED':<8} {_first_line(r['error'], 80)}")
             continue
         s = r["summary"]
         inp = s["inputs"]
