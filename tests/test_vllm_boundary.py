@@ -90,7 +90,7 @@ def test_engine_options_boundary(fake_vllm, smollm_tokenizer):
 def test_requests_translate_to_the_same_tokens_as_the_hf_engine_boundary(fake_vllm, smollm_tokenizer, tiny_llama):
     from genpi.engines.vllm import VLLMEngine
 
-    eng = VLLMEngine("/m", smollm_tokenizer, top_k_logprobs=5)
+    eng = VLLMEngine("/m", smollm_tokenizer, top_k_logprobs=5, enable_lora=True)  # it adds an adapter below
     hf = HFEngine(tiny_llama(vocab_size=len(smollm_tokenizer)), smollm_tokenizer)
     msgs = [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Hi"}]
     for prefix in (None, "1. How do I"):
@@ -114,7 +114,7 @@ def test_requests_translate_to_the_same_tokens_as_the_hf_engine_boundary(fake_vl
 def test_outputs_become_completions_with_ranked_topk_boundary(fake_vllm, smollm_tokenizer):
     from genpi.engines.vllm import VLLMEngine
 
-    eng = VLLMEngine("/m", smollm_tokenizer, top_k_logprobs=2)
+    eng = VLLMEngine("/m", smollm_tokenizer, top_k_logprobs=2, enable_lora=True)  # it adds an adapter below
     eos = smollm_tokenizer.eos_token_id
     # Position 2 sampled token 9 outside the top-2: vLLM adds it (rank 7); we keep the top-2 by rank.
     logprobs = [
@@ -138,3 +138,93 @@ def test_outputs_become_completions_with_ranked_topk_boundary(fake_vllm, smollm_
     assert a.topk_logprobs == [[-0.1, -2.5], [-0.3, -1.9], [-0.01, -5.0]]
     assert a.prompt_tokens == len(eng.render(reqs[0].messages))
     assert (b.finish_reason, b.topk_ids, b.tag) == ("length", None, {"i": 1})
+
+
+# ---- engine settings from the config (issue 14, defect 8) --------------------------------
+# These build the engine through `from_config` / `make_engine` on the tiny model folder (a real
+# HF config and tokenizer on disk), with `vllm` faked as above: they check every keyword we
+# hand to vLLM's `LLM(...)`, which vLLM 0.29 reads as EngineArgs.
+
+
+def _vllm_cfg(tiny_overrides, *extra):
+    from genpi.config import load_config
+
+    return load_config(None, [*tiny_overrides, "engine.kind=vllm", *extra])
+
+
+def test_from_config_passes_revision_context_dtype_and_no_lora_for_synthesis_mock_vllm(
+        fake_vllm, tiny_overrides, tiny_model_dir):
+    from genpi.engines import make_engine
+
+    cfg = _vllm_cfg(tiny_overrides, "model.revision=v1.2", "model.dtype=bfloat16", "model.max_context=1024",
+                    "engine.top_k_logprobs=50", "synth.seed=7")
+    eng = make_engine(cfg)  # synthesis: base model only
+    assert fake_vllm["llm"].kwargs == {
+        "model": str(tiny_model_dir.resolve()),
+        # The weights and the tokenizer vLLM loads are the pinned revision of a hub model.
+        "revision": "v1.2", "tokenizer_revision": "v1.2",
+        "max_model_len": 1024,  # model.max_context
+        "dtype": "bfloat16",
+        "max_logprobs": 50, "logprobs_mode": "raw_logprobs",
+        "enable_prefix_caching": True, "gpu_memory_utilization": 0.85, "seed": 7,
+        "enable_lora": False,  # synthesis never loads an adapter
+    }
+    assert eng.batch_size == cfg.engine.batch_size
+
+
+def test_from_config_context_is_the_models_own_limit_without_max_context_mock_vllm(
+        fake_vllm, tiny_overrides):
+    from genpi.engines.vllm import VLLMEngine
+
+    # The tiny model's max_position_embeddings is 2048: the same limit planning checks against.
+    VLLMEngine.from_config(_vllm_cfg(tiny_overrides))
+    assert fake_vllm["llm"].kwargs["max_model_len"] == 2048
+    # max_context above the model's own limit: still the model's limit.
+    VLLMEngine.from_config(_vllm_cfg(tiny_overrides, "model.max_context=100000"))
+    assert fake_vllm["llm"].kwargs["max_model_len"] == 2048
+
+
+def test_from_config_enables_lora_for_an_adapter_engine_mock_vllm(fake_vllm, tiny_overrides):
+    from genpi.engines import make_engine
+
+    cfg = _vllm_cfg(tiny_overrides, "serve.max_lora_rank=32", "serve.max_adapters_per_replica=3",
+                    "train.lora_r=32", "engine.top_k_logprobs=100")
+    eng = make_engine(cfg, adapters=True)
+    kw = fake_vllm["llm"].kwargs
+    assert (kw["enable_lora"], kw["max_lora_rank"], kw["max_loras"]) == (True, 32, 3)
+    assert kw["max_logprobs"] == 100
+    eng.add_adapter("pirate", "/store/prompts/pirate/fp/adapter")  # accepted: LoRA is on
+
+
+def test_lora_rank_above_max_lora_rank_is_refused_mock_vllm(fake_vllm, tiny_overrides, tmp_path, smollm_tokenizer):
+    from genpi.config import ConfigError
+    from genpi.engines.vllm import VLLMEngine
+
+    cfg = _vllm_cfg(tiny_overrides, "train.lora_r=128", "serve.max_lora_rank=64")
+    with pytest.raises(ConfigError, match=r"train\.lora_r \(128\).*serve\.max_lora_rank \(64\)"):
+        VLLMEngine.from_config(cfg, adapters=True)
+    assert "llm" not in fake_vllm, "refused before vLLM was started"
+    VLLMEngine.from_config(cfg)  # synthesis loads no adapter: nothing to refuse
+    # An adapter on disk whose rank exceeds the engine's limit (a manifest entry may override
+    # train.lora_r) is refused when it is added, not when vLLM fails mid-batch.
+    eng = VLLMEngine("/m", smollm_tokenizer, enable_lora=True, max_lora_rank=64)
+    (tmp_path / "adapter_config.json").write_text('{"r": 128, "peft_type": "LORA"}')
+    with pytest.raises(ValueError, match=r"rank 128 .*serve\.max_lora_rank \(64\)"):
+        eng.add_adapter("big", str(tmp_path))
+    assert "big" not in eng.adapters
+
+
+def test_adapters_need_an_engine_built_with_lora_mock_vllm(fake_vllm, smollm_tokenizer):
+    from genpi.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine("/m", smollm_tokenizer)
+    with pytest.raises(ValueError, match="without LoRA"):
+        eng.add_adapter("pirate", "/a")
+
+
+def test_engine_refuses_a_lora_rank_vllm_does_not_allow_mock_vllm(fake_vllm, smollm_tokenizer):
+    from genpi.engines.vllm import VLLMEngine
+
+    with pytest.raises(ValueError, match=r"max_lora_rank must be one of vLLM's allowed ranks .* not 48"):
+        VLLMEngine("/m", smollm_tokenizer, enable_lora=True, max_lora_rank=48)
+    assert "llm" not in fake_vllm
