@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genpi.yamlio import YamlLoader, plain, typed
+
+
+# vLLM 0.29's LoRAConfig.max_lora_rank is a Literal of these values.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class ConfigError(ValueError):
@@ -124,10 +128,25 @@ class TrainConfig(_Strict):
     # Stop an adapter early when its training loss has not improved for this many epochs
     # (None = never); the others in its pack go on.
     early_stop_patience: int | None = Field(default=None, ge=1)
-    # DeepSpeed ZeRO stage under Ray Train (3 for bases that do not fit one device).
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
+    # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
+    zero_stage: int = 2
     checkpoint_every_steps: int = Field(default=50, gt=0)
     seed: int = 0
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _no_zero3(cls, v: int) -> int:
+        # ZeRO-3 would partition parameters, but genpi loads the whole frozen base on every
+        # worker before DeepSpeed sees it, and the packed optimizer and adapter export read
+        # whole parameters: an option that would silently break is refused instead.
+        if v == 3:
+            raise ValueError("zero_stage 3 is not supported: genpi loads the whole base on every training worker "
+                             "and trains only LoRA adapters, so stage 3 (parameter partitioning) would break the "
+                             "packed optimizer and adapter export without saving memory; use 0, 1 or 2")
+        if v not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2 (DeepSpeed ZeRO stages), not {v}")
+        return v
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainConfig":
@@ -155,10 +174,13 @@ class ClusterConfig(_Strict):
     # Ray address: None = connect to RAY_ADDRESS or start a local Ray.
     address: str | None = None
     synth_actors: int = Field(default=1, ge=1)
-    cpus_per_engine_actor: float = Field(default=1, ge=0)
+    # CPUs per engine actor / training worker; None = every CPU of the largest node
+    # (genpi.rayinit.actor_cpus). Ray runs an actor with as many threads as CPUs it was
+    # given, so the local default uses the whole machine; cluster configs set numbers.
+    cpus_per_engine_actor: float | None = Field(default=None, ge=0)
     gpus_per_engine_actor: float = Field(default=0, ge=0)
     train_workers: int = Field(default=1, ge=1)
-    cpus_per_train_worker: float = Field(default=1, ge=0)
+    cpus_per_train_worker: float | None = Field(default=None, ge=0)
     gpus_per_train_worker: float = Field(default=0, ge=0)
     # How long a stage waits for the resources it asks for to appear (an autoscaling
     # cluster adds GPU nodes on demand) before failing with what is missing; 0 = check once.
@@ -171,6 +193,7 @@ class ServeConfig(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     # Adapters held per replica (LRU beyond this); with vLLM also max_loras.
     max_adapters_per_replica: int = Field(default=8, ge=1)
+    # vLLM accepts only these ranks (vllm.config.lora.MaxLoRARanks); a LoRA rank above it is refused at load.
     max_lora_rank: int = Field(default=64, gt=0)
     max_cpu_loras: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=256, gt=0)
@@ -180,9 +203,13 @@ class ServeConfig(_Strict):
     target_ongoing_requests: float = Field(default=4, gt=0)
     cpus_per_replica: float = Field(default=1, ge=0)
     gpus_per_replica: float = Field(default=0, ge=0)
-    # Requests one model replica accepts at once (queued beyond this in the proxy/router);
-    # it should exceed target_ongoing_requests or the autoscaler never sees the backlog.
-    max_ongoing_requests: int = Field(default=16, ge=1)
+    # Requests one model replica accepts at once (queued beyond this in the proxy/router).
+    # With vLLM this caps the batch the engine can form: 256 is vLLM's default max_num_seqs,
+    # so a replica can fill its batch (Ray Serve LLM's own default, 1e9, is unbounded). It must
+    # stay well above target_ongoing_requests, which is what the autoscaler scales on: requests
+    # beyond the target are the backlog it sees (the CPU app runs one request at a time per
+    # replica; the rest wait in the replica's queue, counted the same way).
+    max_ongoing_requests: int = Field(default=256, ge=1)
     # The ingress (HTTP parsing, registry lookups) is light: a fraction of a CPU per replica.
     cpus_per_ingress: float = Field(default=0.25, ge=0)
     # The `model` name that selects the bare base; None = derived from model.name
@@ -196,6 +223,13 @@ class ServeConfig(_Strict):
     # the adapters in Ray Serve LLM's <path>/<id>/ layout (None = <store>/serve-lora).
     enable_prefix_caching: bool = True
     lora_export_uri: str | None = None
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of vLLM's allowed ranks {list(VLLM_LORA_RANKS)}, not {v}")
+        return v
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeConfig":

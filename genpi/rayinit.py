@@ -13,3 +13,19 @@ def ensure_ray(cluster: ClusterConfig, **kwargs: Any) -> None:
 
     if not ray.is_initialized():
         ray.init(address=cluster.address, include_dashboard=False, **kwargs)
+
+
+def node_cpus() -> float:
+    """CPUs of the largest alive node of the joined Ray cluster (0 when it has none)."""
+    import ray
+
+    return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+def actor_cpus(value: float | None) -> float:
+    """CPUs to give one engine actor or training worker: `value` when the config sets one,
+    else every CPU of the largest node (at least 1: a cluster scaling from zero has no
+    worker node yet, and its configs set explicit sizes)."""
+    if value is not None:
+        return value
+    return max(1.0, node_cpus())
