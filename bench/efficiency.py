@@ -92,11 +92,17 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--model", default=None, help="embedded (CPU default) or qwen2-0.5b-random (GPU default)")
+    ap.add_argument("--model", default=None, help="embedded (CPU default), qwen2-0.5b-random (GPU default), "
+                    "smollm2-135m-random or llama-1b-random")
     ap.add_argument("--buckets", default=",".join(map(str, BUCKETS)), help="prompt lengths in tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: not measured (torch.cuda.is_available() is False on this machine)")
     model_name = args.model or ("embedded" if args.device == "cpu" else "qwen2-0.5b-random")
     res = run(model_name, args.device, [int(b) for b in args.buckets.split(",")], args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ the others go on), each printing its figure next to its baseline measured in the
   synth       bench/synth.py       batched role-play vs one call per conversation
   train       bench/train.py       packed multi-LoRA vs one adapter at a time with PEFT
   serve       bench/serve.py       adapter without prompt vs prompted base, over HTTP
-GPU arms run when CUDA is present and are written "not measured" otherwise. Results:
+GPU arms run when CUDA is present (torch.cuda.is_available()) and are written "not measured"
+otherwise, saying why: no GPU on the machine that ran it, or no GPU arm for that section.
+bench/gpu_check.sh runs the GPU arms with the GPU tests in one command. Results:
 bench/results/<machine>.json (with the device, versions and configuration of each section)
 and bench/results/<machine>.md (the table the README quotes).
 """
@@ -33,6 +35,7 @@ from common import REPO, RESULTS, environment  # noqa: E402
 
 BENCH = REPO / "bench"
 NOT_MEASURED_GPU = "not measured (no GPU on this machine)"
+NO_GPU_ARM = "not measured (no GPU arm in this run)"
 README_BEGIN, README_END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
 
 
@@ -84,6 +87,7 @@ def _f(x, spec=".2f") -> str:
 def throughput_rows(res: dict) -> list[str]:
     rows = ["| benchmark | arm | figure | baseline | ratio |", "|---|---|---|---|---|"]
     secs = res["sections"]
+    env = res["environment"]
     for arm in ("cpu", "gpu"):
         s = secs.get("synth", {}).get(arm)
         if s and s["status"] == "measured":
@@ -92,17 +96,17 @@ def throughput_rows(res: dict) -> list[str]:
                         f"| batched {r['arms']['batched']['tokens_per_s']} | one call per conversation "
                         f"{r['arms']['serial']['tokens_per_s']} | **{r['ratio_batched_over_serial']:.2f}x** |")
         else:
-            rows.append(f"| synthesis: role-play tokens/s | {arm} | {_status(s, arm)} | | |")
+            rows.append(f"| synthesis: role-play tokens/s | {arm} | {_status(s, arm, env)} | | |")
         t = secs.get("train", {}).get(arm)
         if t and t["status"] == "measured":
             r = t["result"]
-            extra = f", MFU {r['mfu']:.1%}" if "mfu" in r else ""
+            extra = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
             rows.append(f"| training: adapters/hour ({r['adapters']} adapters, {r['model']}) | {arm} "
                         f"| packed {r['packed']['adapters_per_hour']:.0f} ({r['packed']['tokens_per_s']:.0f} tokens/s{extra}) "
                         f"| PEFT one at a time {r['peft_one_by_one']['adapters_per_hour']:.0f} "
                         f"| **{r['ratio_adapters_per_hour']:.2f}x** |")
         else:
-            rows.append(f"| training: adapters/hour | {arm} | {_status(t, arm)} | | |")
+            rows.append(f"| training: adapters/hour | {arm} | {_status(t, arm, env)} | | |")
         v = secs.get("serve", {}).get(arm)
         if v and v["status"] == "measured":
             for kind, p in v["result"]["prompts"].items():
@@ -113,15 +117,19 @@ def throughput_rows(res: dict) -> list[str]:
                             f"| prompted base {a['prompted_base']['ttft_ms_p50']:.0f} ms | **{rr['ttft']:.2f}x** "
                             f"(input tokens {rr['input_tokens']:.2f}x) |")
         elif arm == "gpu":
-            rows.append(f"| serving (vLLM multi-LoRA, prefix caching) | gpu | {_status(v, arm)} | | |")
+            rows.append(f"| serving (vLLM multi-LoRA, prefix caching) | gpu | {_status(v, arm, env)} | | |")
         else:
-            rows.append(f"| serving | {arm} | {_status(v, arm)} | | |")
+            rows.append(f"| serving | {arm} | {_status(v, arm, env)} | | |")
     return rows
 
 
-def _status(s: dict | None, arm: str) -> str:
+def _status(s: dict | None, arm: str, env: dict) -> str:
+    """A section arm's cell when it has no figure. A missing GPU arm says "no GPU on this
+    machine" only when the run detected none (environment()'s gpu, from torch.cuda)."""
     if s is None:
-        return NOT_MEASURED_GPU if arm == "gpu" else "not run"
+        if arm != "gpu":
+            return "not run"
+        return NOT_MEASURED_GPU if not env.get("gpu") else NO_GPU_ARM
     return f"failed (see {Path(s['log']).name})" if s["status"] == "failed" else s["status"]
 
 
@@ -145,7 +153,7 @@ def markdown(res: dict) -> str:
         if best:
             lines += ["", f"Best loss setting by mean KL ratio on this run: **{r['settings'][best]['label']}**."]
     else:
-        lines.append(f"quality: {_status(q, 'cpu')}")
+        lines.append(f"quality: {_status(q, 'cpu', env)}")
     lines += ["", "**Efficiency** per prompt length (adapter without the prompt vs base with it, batch 1)", ""]
     for arm in ("cpu", "gpu"):
         e = res["sections"].get("efficiency", {}).get(arm)
@@ -154,7 +162,7 @@ def markdown(res: dict) -> str:
 
             lines += [f"{arm.upper()} ({e['result']['model']}):", "", efficiency_table(e["result"]), ""]
         else:
-            lines += [f"{arm.upper()}: {_status(e, arm)}", ""]
+            lines += [f"{arm.upper()}: {_status(e, arm, env)}", ""]
     lines += ["**Throughput** (each against its baseline, measured side by side in the same run)", ""]
     lines += throughput_rows(res)
     return "\n".join(lines)

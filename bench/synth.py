@@ -1,14 +1,15 @@
 """Role-play throughput: batched Self Role-Playing against one call per conversation per turn.
 
-    python bench/synth.py [--conversations 16] [--turns 3] [--device cpu|cuda] [--model embedded|qwen2-0.5b-random]
+    python bench/synth.py [--conversations 16] [--turns 3] [--device cpu|cuda] [--model embedded|<shape>-random]
 
 Both arms run the same conversations (same prompt, inputs and first replies) through the
 same engine in one process, one after the other: (a) genpi's batched role-play, every
 active conversation advancing in one engine call per side per turn; (b) the reference
 approach (GenPI's released code), one engine call per conversation per turn. Prints
 generated tokens/s of each and the ratio, and writes bench/results/synth-<device>.json.
-On a GPU, `--model qwen2-0.5b-random` builds a random-weight Qwen2-0.5B-shaped model (the
-SmolLM2 tokenizer) for throughput; vLLM cannot be measured where it is not installed.
+On a GPU, `--model qwen2-0.5b-random` (or smollm2-135m-random, llama-1b-random) builds a
+random-weight model of that shape in bf16 (bench/common.py) for throughput; vLLM is not
+measured here.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build_model as build  # noqa: E402
+from common import MODEL_NAMES, build_model as build  # noqa: E402
 
 PROMPT = "You are a cooking assistant. Give short recipes as numbered steps and always suggest a side dish."
 INPUTS = ["How do I boil an egg?", "What can I cook with rice and beans?", "How do I make pancakes?",
@@ -47,14 +48,13 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="embedded", choices=["embedded", "qwen2-0.5b-random"])
+    ap.add_argument("--model", default="embedded", choices=MODEL_NAMES)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("GPU arm: not measured (no CUDA device)")
-        return
+        raise SystemExit("--device cuda: not measured (torch.cuda.is_available() is False on this machine)")
     from genpi.engines.base import ChatRequest
     from genpi.engines.hf import HFEngine
     from genpi.synth.roleplay import first_turns, run_roleplay

@@ -20,7 +20,7 @@ def bench():
     """The bench/ scripts as modules (they are scripts, not a package)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        yield {m: importlib.import_module(m) for m in ("common", "quality", "efficiency", "run")}
+        yield {m: importlib.import_module(m) for m in ("common", "quality", "efficiency", "run", "train", "gpu_check")}
     finally:
         sys.path.remove(str(REPO / "bench"))
 
@@ -207,3 +207,84 @@ def test_genpi_bench_is_bench_run(capsys, monkeypatch, tmp_path):
     assert "--only" in out and "--update-readme" in out
     assert main(["bench", "--only", "nonsense"]) == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+def test_run_says_no_gpu_only_where_none_was_detected(bench):
+    """A GPU arm without a figure reads "no GPU on this machine" only when the run's
+    environment found no GPU (torch.cuda), never from a constant."""
+    run = bench["run"]
+    env = bench["common"].environment()
+    for gpu in (None, "NVIDIA H200"):
+        res = {"environment": {**env, "gpu": gpu}, "sections": {}}
+        md = run.markdown(res)
+        assert ("no GPU on this machine" in md) == (gpu is None), gpu
+        if gpu:
+            assert "| training: adapters/hour | gpu | not measured (no GPU arm in this run)" in md
+
+
+def test_train_bench_flops_count_the_output_layer_only_where_logits_are_kept(bench, tiny_llama, single_thread_torch):
+    """bench/train.py's FLOPs model against torch's FLOP counter on one packed forward +
+    backward with logits_to_keep, as the training loop runs it: the output layer is counted
+    at the kept positions only. (Eager attention computes the full T x T scores where the
+    model counts the causal half; the embeddings' output is made to need a gradient so the
+    counter also sees the first layer's input gradient, which the model counts.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genpi.config import TrainConfig
+    from genpi.train.data import EncodedExample
+    from genpi.train.multilora import PackedLora
+
+    train = bench["train"]
+    model = tiny_llama(vocab_size=256, tie_word_embeddings=True, attn_implementation="eager")
+    cfg = TrainConfig(lora_r=4, lora_alpha=8)
+    sizes, lora = train.model_sizes(model), train.lora_params_per_adapter(model, cfg)
+    t, first = 40, 30  # the reply starts at 30: logits are kept from 29 on, 11 of 40 positions
+    exs = [EncodedExample(list(range(1 + i, t + 1 + i)), [-100] * first + list(range(t - first)), [False] * t,
+                          None, None, t - first) for i in range(2)]
+    pack = PackedLora(model, 2, cfg.lora_r, cfg.lora_alpha)
+    ids = torch.tensor([e.input_ids for e in exs])
+    with FlopCounterMode(display=False) as counter:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with pack.route_to([0, 1]):
+            logits = model(inputs_embeds=embeds, logits_to_keep=torch.arange(first - 1, t)).logits
+        assert logits.shape[1] == t - first + 1
+        logits.float().sum().backward()
+    layers, d = sizes["layers"], sizes["hidden"]
+    full_minus_causal = len(exs) * 3 * (4 * layers * d * t * t - 2 * layers * d * t * (t + 1))
+    want = train.train_flops(sizes, lora, exs) + full_minus_causal
+    assert counter.get_total_flops() == pytest.approx(want, rel=0.01)
+    # Counting the output layer at every position (the former 4 x params per token) is far off here.
+    every_position = want + len(exs) * 4 * sizes["head"] * (first - 1)
+    assert counter.get_total_flops() != pytest.approx(every_position, rel=0.05)
+
+
+def test_gpu_check_runs_without_cuda_and_says_what_it_skipped(tmp_path):
+    """bench/gpu_check.sh end to end on a machine without CUDA: one JSON file, the GPU tests
+    collected and each skipped with its reason, every GPU bench arm skipped with the reason,
+    and none of the genpi modules it needs importing ray or vllm at import time."""
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.sh would run the GPU checks for minutes")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--out", str(out)], cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["cuda"] is False and res["failed"] == []
+    assert res["genpi_import_problems"] == {"fail_to_import": {}, "import_ray_or_vllm_at_import_time": {}}
+    tests = res["tests"]
+    assert tests["status"] == "skipped" and tests["counts"]["skipped"] == len(tests["tests"]) >= 8
+    names = {c["test"].split("::")[1].split("[")[0] for c in tests["tests"]}
+    assert {"test_packed_lora_matches_peft_in_bf16_outputs_and_gradients",
+            "test_deepspeed_zero_over_nccl_in_bf16_equals_plain_packed_training",
+            "test_several_packs_return_gpu_memory_to_the_baseline",
+            "test_engine_topk_is_the_log_softmax_of_raw_logits"} <= names
+    assert all("torch.cuda.is_available() is False" in c["reason"] for c in tests["tests"])
+    assert set(res["bench"]) == {"train", "synth", "efficiency"}
+    for arm in res["bench"].values():
+        assert arm["status"] == "skipped" and "torch.cuda.is_available() is False" in arm["reason"]
+    skipped = {s["what"] for s in res["skipped"]}
+    assert {"bench train (GPU arm)", "bench synth (GPU arm)", "bench efficiency (GPU arm)"} <= skipped
+    assert "skipped bench train (GPU arm)" in proc.stdout
