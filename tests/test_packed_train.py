@@ -134,3 +134,38 @@ def test_token_budget_chunks_leave_the_packed_training_unchanged(tiny_llama, mem
         got, want = split.adapter_state(i), whole.adapter_state(i)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-6)
+
+
+def test_collectives_get_the_parameters_device_simulated_second_device(tiny_llama, members, monkeypatch,
+                                                                      single_thread_torch):
+    """Simulated accelerator: a GPU worker's parameters are on CUDA while torch's default
+    device is the CPU, and NCCL rejects a CPU tensor ("No backend type associated with device
+    type cpu"). Here the parameters are on the CPU and the default device is another one
+    ("meta"); rank 0 of a pretend world of 2 runs a packed step and a ZeRO-style optimizer
+    step, and every tensor handed to a collective must be on the parameters' device."""
+    from genpi.train.packed import pack_step
+
+    seen = []
+
+    def all_reduce(t, *args, **kwargs):  # the narrowest boundary: record, as if rank 1 added zeros
+        seen.append(t.device)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    model = tiny_llama(seed=0)
+    pack = PackedLora(model, len(members), CFG.lora_r, CFG.lora_alpha, seeds=[m.seed for m in members])
+    opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=CFG.grad_clip)
+    opt.partitioned = True  # as under ZeRO: each rank's norms are partial, summed across ranks
+    samples = [(i, kind, ex) for i, m in enumerate(members) for kind, ex in m.ts.examples[:3]]
+    params_device = pack.parameters()[0].device
+    torch.set_default_device("meta")
+    try:
+        out = pack_step(model, pack, samples, CFG, PAD, params_device, rank=0, world=2)
+        opt.set_adapters([1e-3] * len(members), [True] * len(members), [1] * len(members))
+        opt.step()
+    finally:
+        torch.set_default_device(None)
+    assert len(seen) == 2 and set(seen) == {params_device}, seen  # the loss sums, the grad norms
+    assert out.device == params_device and bool(out[1].sum() > 0)
+    assert all(p.grad is not None and p.grad.device == params_device for p in pack.parameters())

@@ -13,7 +13,11 @@ active/finished flag. Adapters with fewer steps, or early-stopped, simply drop o
 Data parallel within a pack (``rank``/``world``): each rank takes samples rank::world of
 the step's samples; per-adapter token counts are global, and the loss is multiplied by
 ``world`` because DeepSpeed averages gradients across ranks -- the update is the same
-for any number of ranks.
+for any number of ranks. Every rank runs the same number of backward passes per step
+(ZeRO-2 reduces gradients on each one, so unequal counts hang or mix steps): a rank with
+fewer micro-batches pads with zero-weighted forward/backward passes of the same shape of
+graph. Every tensor a collective sees lives on the parameters' device (NCCL has no CPU
+backend).
 """
 from __future__ import annotations
 
@@ -49,34 +53,35 @@ class PackedAdamW(torch.optim.Optimizer):
         self._runs: dict[int, tuple[Tensor, Tensor]] = {}  # id(flat partition) -> (owner, length) runs
         self.partitioned = False
         self.set_adapters([0.0] * n_adapters, [False] * n_adapters, [1] * n_adapters)
-        self.last_grad_norms = torch.zeros(n_adapters)
+        self.last_grad_norms = torch.zeros(n_adapters, device="cpu")
 
     def set_adapters(self, lr: Sequence[float], active: Sequence[bool], step: Sequence[int]) -> None:
         """Per adapter: learning rate, whether it trains this step, its update count after this step."""
         # Slot K is the "nobody" adapter for ZeRO's alignment padding: inactive, lr 0.
-        self._lr = torch.tensor([*lr, 0.0], dtype=torch.float64)
-        self._active = torch.tensor([*active, False])
-        self._step = torch.tensor([*step, 1], dtype=torch.float64).clamp_min(1)
+        # Host tensors (explicitly: never on whatever the default device is); moved per use.
+        self._lr = torch.tensor([*lr, 0.0], dtype=torch.float64, device="cpu")
+        self._active = torch.tensor([*active, False], device="cpu")
+        self._step = torch.tensor([*step, 1], dtype=torch.float64, device="cpu").clamp_min(1)
 
     def bind_zero(self, stacked: Sequence[Tensor]) -> None:
         """After ``deepspeed.initialize``: learn which adapter owns each element of the flat
         partitions now in ``param_groups`` (padding -> slot K)."""
         flats = [g["params"][0] for g in self.param_groups]
         for gi, flat in enumerate(flats):
-            owner = torch.full((flat.numel(),), self.n_adapters, dtype=torch.int32)
+            owner = torch.full((flat.numel(),), self.n_adapters, dtype=torch.int32, device="cpu")
             for p in stacked:
                 m = getattr(p, "_hp_mapping", None)
                 if m is None or m.param_group_index != gi:
                     continue
                 per = p.numel() // p.shape[0]
                 lp, hp = m.lp_fragment_address, m.hp_fragment_address
-                ids = torch.arange(lp.start, lp.start + lp.numel) // per
+                ids = torch.arange(lp.start, lp.start + lp.numel, device="cpu") // per
                 owner[hp.start:hp.start + hp.numel] = ids.to(torch.int32)
             # Run-length form: a partition is a few long runs of one adapter each.
-            change = torch.ones(owner.numel(), dtype=torch.bool)
+            change = torch.ones(owner.numel(), dtype=torch.bool, device="cpu")
             change[1:] = owner[1:] != owner[:-1]
             starts = change.nonzero().flatten()
-            lengths = torch.diff(torch.cat([starts, torch.tensor([owner.numel()])]))
+            lengths = torch.diff(torch.cat([starts, torch.tensor([owner.numel()], device="cpu")]))
             self._runs[id(flat)] = (owner[starts].long(), lengths)
         self.partitioned = True
 
@@ -184,34 +189,54 @@ def _all_reduce(t: Tensor, world: int) -> Tensor:
     return t
 
 
+def _chunks(local: list, cfg: TrainConfig, micro_batch: int | None) -> list[list]:
+    """One rank's share of a step in forward/backward chunks: `micro_batch` sequences when
+    given, else as many as fit in train.max_batch_tokens padded tokens."""
+    if micro_batch:
+        return [local[i:i + micro_batch] for i in range(0, len(local), micro_batch)]
+    return micro_batches(local, cfg.max_batch_tokens, length=lambda s: len(s[2]))
+
+
 def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: TrainConfig, pad_id: int,
               device, rank: int = 0, world: int = 1, micro_batch: int | None = None,
               backward: Callable[[Tensor, bool], None] | None = None) -> Tensor:
     """Forward + backward of one packed step; returns per-slot [K, 3] sums of (sft, pg, kl)
-    per-token losses and [K, 3] token counts, summed over ranks, stacked as [2, K, 3]."""
+    per-token losses and [K, 3] token counts, summed over ranks, stacked as [2, K, 3]
+    (on ``device``, the parameters' device)."""
+    # Every tensor created here without an explicit device (ours, and token_scale's) lands
+    # on the parameters' device: a collective never gets a host tensor (NCCL has no CPU
+    # backend), and no per-chunk host round trip is needed.
+    with torch.device(device):
+        return _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch,
+                          backward or (lambda loss, last: loss.backward()))
+
+
+def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward) -> Tensor:
     k = pack.n_adapters
-    # Token counts of the whole step (all ranks, all chunks), per adapter and part (PARTS).
-    counts = torch.zeros(k, 3)
+    # Token counts of the whole step (all ranks, all chunks), per adapter and part (PARTS),
+    # counted on the host (Python ints), then one copy to the device.
+    host = [[0, 0, 0] for _ in range(k)]
     for slot, kind, ex in samples:
         ce, kl = _counts(ex)
-        counts[slot, 0 if kind == "sft" else 1] += ce
+        host[slot][0 if kind == "sft" else 1] += ce
         # KL is a part only where it is trained (w_kl > 0) and the teacher's rows are.
-        counts[slot, 2] += kl if kind == "sft" and cfg.w_kl > 0 else 0
+        host[slot][2] += kl if kind == "sft" and cfg.w_kl > 0 else 0
+    counts = torch.tensor(host, dtype=torch.float32, device=device)
     # The factor `world` undoes DeepSpeed's gradient averaging over ranks.
     scale = token_scale(counts, (cfg.w_sft, cfg.w_pg, cfg.w_kl)) * world
-    local = samples[rank::world]
-    sums = torch.zeros(k, 3)
-    backward = backward or (lambda loss, last: loss.backward())
-    # Forward/backward in chunks: `micro_batch` sequences when given, else as many as fit in
-    # train.max_batch_tokens padded tokens. `scale` holds the whole step's token counts, so
-    # the split never changes the gradient.
-    if micro_batch:
-        chunks = [local[i:i + micro_batch] for i in range(0, len(local), micro_batch)]
-    else:
-        chunks = micro_batches(local, cfg.max_batch_tokens, length=lambda s: len(s[2]))
-    if not local:  # keep every rank's collective hooks in step: a zero loss that touches the params
-        backward(sum(p.sum() for p in pack.parameters()) * 0.0, True)
-    for c, chunk in enumerate(chunks):
+    sums = torch.zeros(k, 3, device=device)
+    # `scale` holds the whole step's token counts, so the split never changes the gradient.
+    chunks = _chunks(samples[rank::world], cfg, micro_batch)
+    # Same number of backward passes on every rank (ZeRO-2 communicates on each): every rank
+    # sees all samples, so each computes every rank's chunk count -- no collective needed.
+    n_chunks = max(len(_chunks(samples[r::world], cfg, micro_batch)) for r in range(world))
+    # A rank with fewer chunks pads with zero-weighted passes over the step's shortest sample:
+    # a real forward, so its gradient hooks fire for the same parameters in the same order
+    # as a real micro-batch (ZeRO-2's reduce buckets are laid out in hook order).
+    filler = [min(samples, key=lambda s: len(s[2]))] if samples else []
+    for c in range(n_chunks):
+        real = c < len(chunks)
+        chunk = chunks[c] if real else filler
         batch = {n: t.to(device) for n, t in collate([ex for _, _, ex in chunk], pad_id).items()}
         slots = torch.tensor([s for s, _, _ in chunk], device=device)
         is_sft = torch.tensor([kind == "sft" for _, kind, _ in chunk], device=device)
@@ -224,14 +249,15 @@ def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: 
         sl = slice(start, None)
         ce_sum, _ = token_ce(logits, labels[:, sl])
         part = torch.where(is_sft, 0, 1)
-        sc = scale.to(device)
-        loss = (ce_sum * sc[slots, part]).sum()
-        sums.index_put_((slots.cpu(), part.cpu()), ce_sum.detach().cpu(), accumulate=True)
+        loss = (ce_sum * scale[slots, part]).sum()
+        if real:
+            sums.index_put_((slots, part), ce_sum.detach().float(), accumulate=True)
         if "kl_ids" in batch and cfg.w_kl > 0:
             kl_sum, _ = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
-            loss = loss + (kl_sum * sc[slots, 2]).sum()
-            sums.index_put_((slots.cpu(), torch.full_like(slots.cpu(), 2)), kl_sum.detach().cpu(), accumulate=True)
-        backward(loss, c == len(chunks) - 1)
+            loss = loss + (kl_sum * scale[slots, 2]).sum()
+            if real:
+                sums.index_put_((slots, torch.full_like(slots, 2)), kl_sum.detach().float(), accumulate=True)
+        backward(loss if real else loss * 0.0, c == n_chunks - 1)
     return torch.stack([_all_reduce(sums, world), counts])
 
 
@@ -262,7 +288,8 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
         t0 = time.time()
         active = [i for i, d in enumerate(prog.done) if not d]
         samples = [(i, plans[i][prog.step[i]][1], ex) for i in active for ex in plans[i][prog.step[i]][2]]
-        sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward)
+        # To the host once per step (after the collective): the logs below are Python floats.
+        sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward).cpu()
         inner.set_adapters([lr_at(prog.step[i], prog.total[i], cfg) for i in range(len(members))],
                            [not d for d in prog.done], [s + 1 for s in prog.step])
         if engine is not None:

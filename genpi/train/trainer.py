@@ -15,9 +15,15 @@ trainable parameters only (``exclude_frozen_parameters``: the LoRA stacks, the o
 partitions) plus ``progress.json`` (pack index and per-adapter progress). The frozen base is
 never in a checkpoint. A worker failure restarts the workers (``FailureConfig``) and they
 continue from the last checkpoint with the same result as an uninterrupted run.
+
+Each pack gets its own DeepSpeed engine (:func:`pack_engine`) over a module that holds only
+the pack's LoRA parameters: DeepSpeed's hooks and its broadcast at initialize never touch
+the shared frozen base, and the engine is destroyed when its pack ends, so a finished
+pack's optimizer state is freed. ZeRO stages 0-2 only (the config refuses 3).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +52,57 @@ def deepspeed_config(zero_stage: int, bf16: bool) -> dict:
     }
 
 
+@contextlib.contextmanager
+def pack_engine(pack, opt, zero_stage: int, bf16: bool):
+    """The DeepSpeed engine of one pack, destroyed when the block ends.
+
+    ``deepspeed.initialize`` registers forward hooks on the module it is given and
+    broadcasts all its parameters; given the whole model, every pack would add hooks to
+    the shared base (keeping every finished engine and its optimizer state reachable) and
+    re-send the frozen base. It gets a module holding only the pack's LoRA parameters
+    (the same Parameter objects the model uses; we never call the engine's forward)."""
+    import deepspeed
+    import torch
+
+    if zero_stage not in (0, 1, 2):  # bind_zero and the adapter export need whole parameters
+        raise ValueError(f"ZeRO stage {zero_stage} is not supported for packed training (0, 1 or 2)")
+    holder = torch.nn.Module()
+    holder.lora = torch.nn.ParameterList(pack.parameters())
+    engine, *_ = deepspeed.initialize(model=holder, model_parameters=pack.parameters(), optimizer=opt,
+                                      config=deepspeed_config(zero_stage, bf16))
+    try:
+        if zero_stage > 0:
+            opt.bind_zero(pack.parameters())
+        yield engine
+    finally:
+        # Removes ZeRO's gradient hooks from the LoRA parameters and its _hp_mapping links.
+        engine.destroy()
+
+
+def split_cpus(node_cpus: list[float], workers: int) -> float:
+    """CPUs per training worker when the config leaves it unset: as many as possible while
+    all `workers` still fit on the cluster's nodes (every CPU of the largest node for one
+    worker; half of it for two workers on one node); at least 1 (a cluster scaling from
+    zero has no worker node yet)."""
+    for c in range(int(max(node_cpus, default=0)), 0, -1):
+        if sum(int(n) // c for n in node_cpus) >= workers:
+            return float(c)
+    return 1.0
+
+
+def use_assigned_cpus() -> int:
+    """Run torch with as many threads as the CPUs Ray assigned to this worker. Ray exports
+    OMP_NUM_THREADS from num_cpus, but not when the environment already sets it (a
+    container's OMP_NUM_THREADS=1): then a many-CPU worker would train on one thread."""
+    import ray
+    import torch
+
+    n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    if n >= 1 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def ensure_torch_extensions_dir() -> str:
     """DeepSpeed compiles a small CPU extension once: keep it in genpi's cache, not ~/.cache."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
@@ -56,7 +113,6 @@ def ensure_torch_extensions_dir() -> str:
 
 # ---- the Ray Train worker ------------------------------------------------------------------
 def _worker(config: dict) -> None:
-    import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
@@ -66,12 +122,13 @@ def _worker(config: dict) -> None:
     from genpi.synth.pipeline import load_synth
     from genpi.train.loop import build_examples
     from genpi.train.multilora import PackedLora
-    from genpi.train.packed import PackedAdamW, PackMember, PackProgress, train_pack
+    from genpi.train.packed import PackedAdamW, PackMember, PackProgress
 
     cfg = GenpiConfig.model_validate(config["cfg"])
     store = Store(config["store_uri"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = use_assigned_cpus()
     model, tok, resolved = load_model(cfg.model)  # once per worker, shared by every pack
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -86,7 +143,6 @@ def _worker(config: dict) -> None:
             saved = json.load(f)
         start_pack = saved["pack"]
         progress = PackProgress(**saved["progress"]) if saved["progress"] else None
-    fail_after = config.get("fail_after_steps")
     total_steps = [0]
 
     for p in range(start_pack, len(packs)):
@@ -99,62 +155,63 @@ def _worker(config: dict) -> None:
                           cfg.train.lora_dropout, seeds=[m.seed for m in members])
         opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=cfg.train.grad_clip)
         bf16 = next(model.parameters()).dtype == torch.bfloat16
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=pack.parameters(), optimizer=opt,
-                                          config=deepspeed_config(cfg.train.zero_stage, bf16))
-        if cfg.train.zero_stage > 0:
-            opt.bind_zero(pack.parameters())
-        _adapter_only_checkpoints(engine)
-        prog, resumed_at = None, None
-        if resume_dir is not None and progress is not None and p == start_pack:
-            engine.load_checkpoint(resume_dir, tag="pack", load_module_strict=False,
-                                   load_lr_scheduler_states=False)
-            prog, resumed_at = progress, progress.pack_steps
-
-        def on_step(pr: PackProgress) -> None:
-            total_steps[0] += 1
-            if rank == 0 and (pr.pack_steps % 10 == 0 or all(pr.done)):
-                # Long work shows progress: a line per 10 steps reaches the driver's log.
-                print(f"[train] pack {p + 1}/{len(packs)}: step {pr.pack_steps}/{max(pr.total)}, "
-                      f"{sum(pr.done)}/{len(pr.done)} adapters done, "
-                      f"{pr.tokens / max(pr.seconds, 1e-9):.0f} tokens/s", flush=True)
-            if pr.pack_steps % cfg.train.checkpoint_every_steps == 0 and not all(pr.done):
-                _checkpoint(engine, p, pr, {"pack_steps": pr.pack_steps, "pack": p})
-                if fail_after is not None and total_steps[0] >= fail_after:
-                    marker = config["fail_marker"]
-                    if not os.path.exists(marker):  # fail once, after the checkpoint (resume test)
-                        open(marker, "w").close()
-                        raise RuntimeError(f"injected failure after pack step {pr.pack_steps}")
-
-        prog = train_pack(model, pack, members, cfg.train, pad, engine=engine, rank=rank, world=world,
-                          micro_batch=config.get("micro_batch"), progress=prog, on_step=on_step)
-        mem = [None] * world
-        dist.all_gather_object(mem, peak_memory()) if world > 1 else mem.__setitem__(0, peak_memory())
-        if rank == 0:
-            stats = write_pack(store, pack, prog, members, jobs, resolved.path, p,
-                               {"workers": world, "zero_stage": cfg.train.zero_stage, "worker_memory": mem,
-                                "resumed_at_pack_step": resumed_at})
-            for key, st in stats.items():
-                log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), key, st["stop_reason"])
-        if world > 1:
-            dist.barrier()
+        with pack_engine(pack, opt, cfg.train.zero_stage, bf16) as engine:
+            prog, resumed_at = _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs,
+                                              config, total_steps, resume_dir if p == start_pack else None,
+                                              progress if p == start_pack else None)
+            # Every rank's peak memory, gathered as one tensor on the parameters' device (an
+            # object collective would go through the host, which NCCL cannot do).
+            mine = peak_memory()
+            mem_t = torch.tensor([mine["peak_rss_mb"], mine.get("peak_cuda_mb", -1.0)], device=device)
+            gathered = [torch.zeros_like(mem_t) for _ in range(world)]
+            dist.all_gather(gathered, mem_t) if world > 1 else gathered.__setitem__(0, mem_t)
+            mem = [{"peak_rss_mb": float(t[0]), **({"peak_cuda_mb": float(t[1])} if t[1] >= 0 else {})}
+                   for t in gathered]
+            if rank == 0:
+                stats = write_pack(store, pack, prog, members, jobs, resolved.path, p,
+                                   {"workers": world, "zero_stage": cfg.train.zero_stage, "worker_memory": mem,
+                                    "threads_per_worker": threads, "resumed_at_pack_step": resumed_at})
+                for key, st in stats.items():
+                    log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), key, st["stop_reason"])
+            if world > 1:
+                dist.barrier()
         pack.remove()
-        del engine, opt
+        del engine, opt, pack  # nothing of a finished pack outlives it
         # The pack's end is a checkpoint too: a restart goes on with the next pack.
         _checkpoint(None, p + 1, None, {"pack": p + 1, "pack_steps": 0})
     if ckpt_ctx is not None:
         ckpt_ctx.__exit__(None, None, None)
 
 
-def _adapter_only_checkpoints(engine) -> None:
-    """DeepSpeed's ``exclude_frozen_parameters`` drops frozen *named parameters* only; a tied
-    output layer (lm_head = embeddings, SmolLM2) is in state_dict() but not in
-    named_parameters(), so the base's largest matrix would be saved. Keep LoRA keys only."""
-    full = engine.module_state_dict
+def _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs, config, total_steps,
+                   resume_dir, progress):
+    """Train one pack on its engine (resuming from ``resume_dir`` when given); (progress, resumed_at)."""
+    from genpi.train.packed import PackProgress, train_pack
 
-    def lora_only(*args, **kwargs):
-        return {k: v for k, v in full(*args, **kwargs).items() if ".lora_" in k}
+    fail_after = config.get("fail_after_steps")
+    prog, resumed_at = None, None
+    if resume_dir is not None and progress is not None:
+        engine.load_checkpoint(resume_dir, tag="pack", load_module_strict=False,
+                               load_lr_scheduler_states=False)
+        prog, resumed_at = progress, progress.pack_steps
 
-    engine.module_state_dict = lora_only
+    def on_step(pr: PackProgress) -> None:
+        total_steps[0] += 1
+        if rank == 0 and (pr.pack_steps % 10 == 0 or all(pr.done)):
+            # Long work shows progress: a line per 10 steps reaches the driver's log.
+            print(f"[train] pack {p + 1}/{len(packs)}: step {pr.pack_steps}/{max(pr.total)}, "
+                  f"{sum(pr.done)}/{len(pr.done)} adapters done, "
+                  f"{pr.tokens / max(pr.seconds, 1e-9):.0f} tokens/s", flush=True)
+        if pr.pack_steps % cfg.train.checkpoint_every_steps == 0 and not all(pr.done):
+            _checkpoint(engine, p, pr, {"pack_steps": pr.pack_steps, "pack": p})
+            if fail_after is not None and total_steps[0] >= fail_after:
+                marker = config["fail_marker"]
+                if not os.path.exists(marker):  # fail once, after the checkpoint (resume test)
+                    open(marker, "w").close()
+                    raise RuntimeError(f"injected failure after pack step {pr.pack_steps}")
+
+    return train_pack(model, pack, members, cfg.train, pad, engine=engine, rank=rank, world=world,
+                      micro_batch=config.get("micro_batch"), progress=prog, on_step=on_step), resumed_at
 
 
 def _checkpoint(engine, pack_index: int, prog, metrics: dict) -> None:
@@ -179,16 +236,50 @@ def _arrow_fs(store):
 
 
 # ---- the driver ----------------------------------------------------------------------------
+def _state_api_available() -> bool:
+    import ray
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
+        return True
+    except Exception:  # no dashboard (genpi's local clusters), or it does not answer
+        return False
+
+
+def _trainer_class():
+    """Ray Train's TorchTrainer, less its PlacementGroupCleaner where it cannot work.
+
+    That detached actor asks Ray's State API every second whether the train controller is
+    alive, to remove the placement group of a controller that died. Without the dashboard
+    (genpi's local clusters start none) every ask fails and logs "Failed to query Ray Train
+    Controller actor state" (134 lines in one local run, burying the job's progress) -- and
+    it can never see a dead controller there, so it protects nothing. Kept wherever the
+    State API answers (KubeRay clusters)."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if _state_api_available():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
+
+
 def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_name: str | None = None,
                storage_path: str | None = None, max_failures: int = 1,
-               _fail_after_steps: int | None = None, _micro_batch: int | None = None) -> list[TrainOutcome]:
+               _fail_after_steps: int | None = None, _micro_batch: int | None = None,
+               _collective_timeout_s: int = 1800) -> list[TrainOutcome]:
     """Train one adapter per job, packed, on Ray Train; one outcome per job, in job order.
 
     ``storage_path`` (Ray Train's checkpoints and results) defaults to ``<store>/runs/train``,
     so a job's checkpoints live next to its artifacts on a cluster's shared store.
-    ``_fail_after_steps`` injects one worker failure after that many steps (tests only)."""
+    ``_fail_after_steps`` injects one worker failure after that many steps (tests only);
+    ``_collective_timeout_s`` turns ranks that wait on each other forever into an error."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from genpi.models import load_tokenizer
     from genpi.store import Store, worker_env
@@ -203,13 +294,19 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
     pack_of = {k: i for i, pack in enumerate(packs) for k in pack}
     error = None
     if packs:
-        from genpi.rayinit import ensure_ray
+        import ray
+
+        from genpi.rayinit import actor_cpus, ensure_ray
 
         ensure_ray(cfg.cluster)
+        cpus = cfg.cluster.cpus_per_train_worker
+        if cpus is None and cfg.cluster.train_workers > 1:  # all must fit: split the nodes' CPUs
+            cpus = split_cpus([n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")],
+                              cfg.cluster.train_workers)
         run_name = run_name or f"train-{int(time.time())}"
         gpu = cfg.cluster.gpus_per_train_worker > 0
         scratch = tempfile.mkdtemp(prefix="genpi-train-")
-        trainer = TorchTrainer(
+        trainer = _trainer_class()(
             _worker,
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"),
@@ -221,9 +318,12 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.cluster.train_workers, use_gpu=gpu,
-                resources_per_worker={"CPU": cfg.cluster.cpus_per_train_worker,
+                resources_per_worker={"CPU": actor_cpus(cpus),
                                       **({"GPU": cfg.cluster.gpus_per_train_worker} if gpu else {})}),
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            # On GPUs every collective is on CUDA tensors (NCCL); gloo for CPU tensors anyway,
+            # so a host tensor reaching a collective is slow rather than fatal.
+            torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if gpu else "gloo",
+                                     timeout_s=_collective_timeout_s),
             run_config=RunConfig(name=run_name, storage_path=storage_path or store.path("runs", "train"),
                                  storage_filesystem=None if (storage_path or store.local) else _arrow_fs(store),
                                  failure_config=FailureConfig(max_failures=max_failures),
