@@ -24,15 +24,22 @@ REGISTRY = "registry.json"
 
 
 # Settings Ray workers need to reach the store (and the model cache) the way the driver does.
-_FORWARD_ENV = ("GENPI_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+# Only settings that are not secret: runtime_env env_vars are shown by the dashboard and by
+# `ray list runtime-envs --detail`, and written to Ray's logs. A credentials *file* path
+# (AWS_SHARED_CREDENTIALS_FILE, GOOGLE_APPLICATION_CREDENTIALS) is a setting, not a secret.
+_FORWARD_ENV = ("GENPI_CACHE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS",
                 "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+# Never forwarded: workers read these from their own environment (the pod's Secret, the
+# raylet's environment on a local Ray) or from the credentials file named above.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment to pass to Ray workers (runtime_env env_vars): on a local cluster they
-    inherit it anyway; on a cluster whose pods set credentials themselves (a Secret), the
-    driver's copy is the same. Only variables that are set are passed."""
+    """Non-secret environment to pass to Ray workers (runtime_env env_vars): endpoint, region,
+    credentials-file paths, caches. Credentials themselves (SECRET_ENV) never travel this way:
+    a worker gets them from its own environment (on KubeRay the genpi-s3 Secret in every pod;
+    on a local Ray the environment of the process that started it). Only set variables are passed."""
     return {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
 
 

@@ -255,6 +255,72 @@ def test_a_change_of_actor_sizes_resizes_the_pods(tmp_path):
         output.generate({"gpu": cfg})
 
 
+def _bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)(Gi|Mi)?", quantity)
+    assert m, quantity
+    return int(m.group(1)) * {"Gi": 1024 ** 3, "Mi": 1024 ** 2, None: 1}[m.group(2)]
+
+
+@pytest.mark.parametrize("kdir", KUSTOMIZATIONS)
+def test_object_store_and_dev_shm_are_sized_together_in_every_pod(kdir):
+    """Issue 14 defect 10: /dev/shm was 2Gi while Ray's object store defaults to 30% of the
+    pod's memory (and falls back to /tmp on disk when /dev/shm is smaller)."""
+    fraction = P.profiles().object_store.fraction
+    pods = 0
+    for name, spec in cluster_specs(kdir):
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            memory = _bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+            store = int(group["rayStartParams"]["object-store-memory"])
+            (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+            assert shm["emptyDir"]["medium"] == "Memory", name
+            (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "dshm"]
+            assert mount["mountPath"] == "/dev/shm", name
+            shm_size = _bytes(shm["emptyDir"]["sizeLimit"])
+            # The object store fits in /dev/shm, which fits in the pod's memory limit (tmpfs
+            # pages count against it), and it is the share Ray would take by itself.
+            assert store <= shm_size < memory, (name, store, shm_size, memory)
+            assert abs(store - fraction * memory) <= 1024 ** 2, (name, store, memory)
+            assert store >= 78643200, f"{name}: Ray refuses an object store under 75 MiB"
+            pods += 1
+    assert pods == 6, kdir  # head and workers of the RayJob, RayService and RayCluster
+
+
+def test_a_bigger_pod_gets_a_bigger_object_store_and_dev_shm(tmp_path):
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text((P.CONFIGS / "gpu.yaml").read_text().replace("cpus_per_train_worker: 4", "cpus_per_train_worker: 12"))
+    ops = yaml.safe_load(output.generate({"gpu": cfg})["overlays/gpu-prod/rayjob-patch.yaml"])
+    value = {o["path"].removeprefix("/spec/rayClusterSpec/"): o["value"] for o in ops}
+    assert value["workerGroupSpecs/0/template/spec/containers/0/resources"]["limits"]["memory"] == "96Gi"  # 16 x 6
+    store = int(value["workerGroupSpecs/0/rayStartParams/object-store-memory"])
+    assert store == int(96 * 1024 * P.profiles().object_store.fraction) * 1024 ** 2
+    assert _bytes(value["workerGroupSpecs/0/template/spec/volumes/2/emptyDir/sizeLimit"]) >= store
+    assert value["headGroupSpec/rayStartParams/object-store-memory"] == str(
+        int(16 * 1024 * P.profiles().object_store.fraction) * 1024 ** 2)
+
+
+@pytest.mark.parametrize("field", ["cpus_per_engine_actor", "cpus_per_train_worker"])
+def test_a_config_without_cpus_per_actor_is_refused_for_pods(tmp_path, field):
+    """None (every CPU of the largest node) is the local default; a pod cannot be sized from
+    it, and sizing it as 1 CPU would silently make pods too small for the actors."""
+    cfg = tmp_path / "gpu.yaml"
+    lines = (P.CONFIGS / "gpu.yaml").read_text().splitlines(keepends=True)
+    cfg.write_text("".join(line for line in lines if field not in line))
+    assert getattr(load_config(cfg).cluster, field) is None
+    with pytest.raises(ValueError, match=rf"profile gpu-prod \(config gpu\): cluster\.{field} not set"):
+        output.generate({"gpu": cfg})
+    assert k8s_main(["--render", str(tmp_path / "out"), "--config", f"gpu={cfg}"]) == 2
+
+
+def test_gpu_serving_lets_vllm_batch():
+    """Issue 14 defect 9: max_ongoing_requests caps the batch vLLM can form per replica."""
+    gpu = yaml.safe_load(docs_of("overlays/gpu-prod", "RayService")[0]["spec"]["serveConfigV2"])
+    dc = gpu["applications"][0]["args"]["llm_configs"][0]["deployment_config"]
+    assert dc["max_ongoing_requests"] >= 256  # vLLM's default max_num_seqs
+    # The autoscaler scales on the target: well below the cap, so backlog shows before it.
+    assert dc["autoscaling_config"]["target_ongoing_requests"] <= dc["max_ongoing_requests"] / 2
+
+
 # --- rendering --------------------------------------------------------------------------------
 
 
@@ -526,6 +592,10 @@ def test_every_pod_reads_the_credentials_from_the_secret():
             for key in B.SECRET_KEYS:
                 assert env[key]["valueFrom"]["secretKeyRef"] == {"name": B.S3_SECRET, "key": key}, name
             assert env["AWS_ENDPOINT_URL"]["valueFrom"]["configMapKeyRef"]["optional"] is True
+            # Workers get no credentials from the driver's runtime_env (issue 14 defect 6):
+            # a session token, when the Secret has one, must reach every pod this way too.
+            assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": B.S3_SECRET, "key": "AWS_SESSION_TOKEN", "optional": True}, name
     dev = {d["metadata"]["name"]: d for d in docs_of("overlays/dev-cpu", "ConfigMap")}
     assert dev[B.S3_ENDPOINT_CONFIGMAP]["data"]["AWS_ENDPOINT_URL"].startswith("http")
 

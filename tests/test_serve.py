@@ -353,6 +353,22 @@ def test_serve_config_from_genpi_config(capsys, tmp_path):
     assert "serve.max_replicas" in capsys.readouterr().err
 
 
+def test_default_max_ongoing_requests_lets_vllm_batch(tmp_path):
+    """Issue 14 defect 9: a replica never takes more than max_ongoing_requests at once, so
+    that number is the largest batch vLLM can form; 16 capped it far below vLLM's own
+    max_num_seqs (256). The autoscaling target stays below it so backlog is seen."""
+    from genpi.serve.config import deployment_options, llm_config
+
+    cfg = load_config(None, ["store=s3://bucket/genpi", "serve.backend=vllm"])
+    s = cfg.serve
+    assert s.max_ongoing_requests >= 256 and s.target_ongoing_requests < s.max_ongoing_requests
+    dc = llm_config(cfg)["deployment_config"]
+    assert dc["max_ongoing_requests"] == s.max_ongoing_requests
+    assert dc["autoscaling_config"]["target_ongoing_requests"] < dc["max_ongoing_requests"]
+    for name, opts in deployment_options(cfg.with_overrides({"store": str(tmp_path)})).items():
+        assert opts["autoscaling_config"]["target_ongoing_requests"] < opts["max_ongoing_requests"], name
+
+
 def test_ray_serve_llm_config_boundary(tmp_path):
     """The GPU path's LLMConfig as data (vLLM cannot run here); ray.serve.llm's own pydantic
     models check it when they can be imported (they need vllm)."""

@@ -4,7 +4,8 @@ patches. Pure functions of a profile name, its genpi config and the prompts; no 
 package data `profiles` reads, no Ray import.
 
 Credentials are never written: every pod reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-from the Secret `genpi-s3` (secretKeyRef) that the operator creates with kubectl.
+(and AWS_SESSION_TOKEN when present) from the Secret `genpi-s3` (secretKeyRef) that the
+operator creates with kubectl; Ray workers read them there, not from a runtime_env.
 """
 from __future__ import annotations
 
@@ -61,18 +62,27 @@ def _env() -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k}}} for k in SECRET_KEYS
     ]
+    # Temporary credentials: workers read the session token here too (it never travels in
+    # a runtime_env), so the Secret may hold one; optional, as long-lived keys have none.
+    env.append({"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": S3_SECRET, "key": "AWS_SESSION_TOKEN", "optional": True}}})
     env.append({"name": "AWS_ENDPOINT_URL", "valueFrom": {"configMapKeyRef": {
         "name": S3_ENDPOINT_CONFIGMAP, "key": "AWS_ENDPOINT_URL", "optional": True}}})
     env.append({"name": "GENPI_CACHE", "value": "/home/ray/.cache/genpi"})
     return env
 
 
-def _volumes() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+DSHM = 2  # index of the /dev/shm volume in _volumes(), for the overlays' patches
+
+
+def _volumes(memory: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    _, shm = P.object_store(memory)
     volumes = [
         {"name": "genpi-config", "configMap": {"name": "genpi-config"}},
         {"name": "genpi-prompts", "configMap": {"name": "genpi-prompts"}},
-        # Ray's object store lives in /dev/shm; the container default (64 MiB) is too small.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+        # Ray's object store lives in /dev/shm (the container default, 64 MiB, is far too
+        # small): sized with rayStartParams object-store-memory from the pod's memory.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
     ]
     mounts = [
         {"name": "genpi-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
@@ -82,8 +92,12 @@ def _volumes() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
+def _object_store_memory(size: dict[str, str]) -> str:
+    return str(P.object_store(size["memory"])[0])
+
+
 def _pod(container: str, image: str, size: dict[str, str], ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    volumes, mounts = _volumes()
+    volumes, mounts = _volumes(size["memory"])
     c: dict[str, Any] = {
         "name": container,
         "image": image,
@@ -116,7 +130,8 @@ def ray_cluster_spec(name: str, cfg: GenpiConfig) -> dict[str, Any]:
         "headGroupSpec": {
             # num-cpus 0: no task or actor lands on the head; the job driver and the Serve
             # controller still run there, the work goes to the worker group.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
+                               "object-store-memory": _object_store_memory(P.head_size(name))},
             "template": _pod("ray-head", image, P.head_size(name), head_ports),
         },
         "workerGroupSpecs": [{
@@ -124,7 +139,7 @@ def ray_cluster_spec(name: str, cfg: GenpiConfig) -> dict[str, Any]:
             "replicas": 0,
             "minReplicas": 0,
             "maxReplicas": p.max_workers,
-            "rayStartParams": {},
+            "rayStartParams": {"object-store-memory": _object_store_memory(worker_size)},
             "template": _pod("ray-worker", image, worker_size),
         }],
     }
@@ -194,16 +209,22 @@ def base_files(cfg: GenpiConfig, config_text: str, prompts: dict[str, str]) -> d
 
 def _cluster_ops(name: str, cfg: GenpiConfig) -> list[tuple[str, list[dict[str, Any]]]]:
     """Per kind, the ops that turn the base cluster spec into the profile's."""
-    p, worker, out = P.profile(name), P.worker_size(name, cfg), []
+    p, worker, head, out = P.profile(name), P.worker_size(name, cfg), P.head_size(name), []
     for kind, base in CLUSTER_PATHS.items():
-        w = f"{base}/workerGroupSpecs/0"
+        h, w = f"{base}/headGroupSpec", f"{base}/workerGroupSpecs/0"
         ops = [
             {"op": "replace", "path": f"{base}/autoscalerOptions/idleTimeoutSeconds", "value": p.idle_timeout_s},
-            {"op": "replace", "path": f"{base}/headGroupSpec/template/spec/containers/0/resources",
-             "value": _resources(P.head_size(name))},
             {"op": "replace", "path": f"{w}/maxReplicas", "value": p.max_workers},
-            {"op": "replace", "path": f"{w}/template/spec/containers/0/resources", "value": _resources(worker)},
         ]
+        # Each pod's memory, and its object store and /dev/shm sized from it.
+        for group, size in ((h, head), (w, worker)):
+            ops += [
+                {"op": "replace", "path": f"{group}/template/spec/containers/0/resources", "value": _resources(size)},
+                {"op": "replace", "path": f"{group}/rayStartParams/object-store-memory",
+                 "value": _object_store_memory(size)},
+                {"op": "replace", "path": f"{group}/template/spec/volumes/{DSHM}/emptyDir/sizeLimit",
+                 "value": P.object_store(size["memory"])[1]},
+            ]
         if GPU in worker:
             ops += [
                 {"op": "replace", "path": f"{w}/groupName", "value": "gpu-workers"},

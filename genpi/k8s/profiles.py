@@ -41,6 +41,12 @@ class WorkerShape(_Strict):
     memory_gib_per_cpu: float = Field(gt=0)
 
 
+class ObjectStore(_Strict):
+    # Ray refuses an object store above 80% of the node's memory.
+    fraction: float = Field(gt=0, le=0.8)
+    shm_headroom_mib: int = Field(ge=0)
+
+
 class Profile(_Strict):
     config: str
     head: HeadSize
@@ -57,6 +63,7 @@ class Profiles(_Strict):
     image: str
     base_profile: str
     overlays: list[str]
+    object_store: ObjectStore
     job_env_vars: dict[str, str]
     profiles: dict[str, Profile]
 
@@ -148,10 +155,33 @@ def _memory(gib: float) -> str:
     return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
 
 
+def memory_mib(quantity: str) -> int:
+    """MiB in a Kubernetes memory quantity written the way profiles and _memory write it (Gi, Mi)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Gi|Mi)", quantity)
+    if not m:
+        raise ValueError(f"memory '{quantity}': write it in Gi or Mi (e.g. 8Gi, 6144Mi)")
+    return round(float(m.group(1)) * (1024 if m.group(2) == "Gi" else 1))
+
+
+def object_store(memory: str) -> tuple[int, str]:
+    """(object-store-memory in bytes, /dev/shm sizeLimit) of a pod whose memory limit is
+    `memory`: one number for both, so the object store always fits in /dev/shm (profiles.yaml)."""
+    o = profiles().object_store
+    mib = int(memory_mib(memory) * o.fraction)
+    return mib * 1024 * 1024, f"{mib + o.shm_headroom_mib}Mi"
+
+
 def actor_size(cfg: GenpiConfig) -> tuple[float, float]:
     """(CPUs, GPUs) of the largest actor the config asks for: engine actors (synthesis and
     evaluation), Ray Train workers, Serve model replicas."""
     c, s = cfg.cluster, cfg.serve
+    # None means "every CPU of the largest node" (the local default): on a cluster that scales
+    # from zero there is no node to measure yet, and a pod must be sized from its actors.
+    unset = [f"cluster.{k}" for k in ("cpus_per_engine_actor", "cpus_per_train_worker") if getattr(c, k) is None]
+    if unset:
+        raise ValueError(f"{' and '.join(unset)} not set (the default, every CPU of the largest node, "
+                         "only suits a local Ray): a deployment config must give the CPUs per actor, "
+                         "from which the worker pods are sized")
     cpus = max(c.cpus_per_engine_actor, c.cpus_per_train_worker, s.cpus_per_replica)
     gpus = max(c.gpus_per_engine_actor, c.gpus_per_train_worker, s.gpus_per_replica)
     return cpus, gpus
@@ -164,7 +194,10 @@ def head_size(name: str) -> dict[str, str]:
 def worker_size(name: str, cfg: GenpiConfig) -> dict[str, str]:
     """Requests (= limits) of a worker pod of profile `name` running config `cfg`."""
     p = profile(name)
-    cpus, gpus = actor_size(cfg)
+    try:
+        cpus, gpus = actor_size(cfg)
+    except ValueError as e:
+        raise ValueError(f"profile {name} (config {p.config}): {e}") from None
     w = p.worker
     pod_cpus = w.actors_per_pod * cpus + w.extra_cpus
     if pod_cpus <= 0:

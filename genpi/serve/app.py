@@ -14,7 +14,10 @@ config `genpi serve --print-config` writes).
 # No `from __future__ import annotations` here: FastAPI must see the real `Request`
 # annotation on the routes (as a string it became a required query parameter under Serve).
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -322,14 +325,51 @@ def build_app(args: dict[str, Any]):
     return GenpiIngress.options(name=INGRESS, **opts[INGRESS]).bind(model, config)
 
 
+_sigterm_blocks = 0  # how many sigterm_as_interrupt blocks are open (main thread only)
+
+
+def _interrupt(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up; SIGKILL still ends it
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside this block SIGTERM (`ray job stop`, Kubernetes) raises KeyboardInterrupt, so
+    Ctrl-C's clean-up runs for it too. ray.init replaces the SIGTERM handler with Ray's (the
+    driver then aborts, deleting nothing): start() reinstalls this one after ray.init while a
+    block is open. Later SIGTERMs are ignored so the clean-up is not cut short (SIGKILL still
+    ends it). A no-op outside the main thread, where Python cannot install handlers."""
+    global _sigterm_blocks
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    _sigterm_blocks += 1
+    try:
+        yield
+    finally:
+        _sigterm_blocks -= 1
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop() -> None:
+    """Delete genpi's app, not other Serve apps of a shared cluster (as serve.shutdown would).
+    The controller finishes the deletion alone: no waiting (a stopped job gets 3 s)."""
+    serve.delete(APP_NAME, _blocking=False)
+
+
 def start(cfg: GenpiConfig, blocking: bool = True) -> str:
     """Start Ray (or join cfg.cluster.address / RAY_ADDRESS) and run the app; returns the base URL.
 
-    Blocking: serve until Ctrl-C (or SIGTERM from `ray job stop`), then delete the app.
+    Blocking: serve until Ctrl-C or SIGTERM (`ray job stop`), then delete the app (stop()) and
+    return normally, so the process exits 0 like Ray's own `serve run` after Ctrl-C.
     """
     from genpi.rayinit import ensure_ray
 
     ensure_ray(cfg.cluster, configure_logging=False)
+    if _sigterm_blocks and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init replaced it (see sigterm_as_interrupt)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     if s.backend == "vllm":
@@ -343,15 +383,20 @@ def start(cfg: GenpiConfig, blocking: bool = True) -> str:
         app = build_openai_app(llm_app_config(cfg)["args"])
     else:
         app = build_app({"config": app_args_config(cfg)})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except KeyboardInterrupt:  # stopped while deploying: leave nothing half-deployed behind
+        stop()
+        raise
     url = f"http://{s.host}:{s.port}"
     log.info("genpi serving at %s/v1 (models: %s/v1/models)", url, url)
     if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log.info("stopping")
-        finally:
-            serve.delete(APP_NAME)
+        with sigterm_as_interrupt():
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                log.info("stopping: deleting the Serve app %r", APP_NAME)
+            finally:
+                stop()
     return url
