@@ -192,24 +192,17 @@ def cmd_serve(args) -> int:
         print(f"exported {len(done)} adapter(s) to {lora_export_uri(cfg)}: {', '.join(done) or 'all up to date'}")
         return 0
     from genpi.serve.adapters import AdapterRegistry
-    from genpi.serve.app import start
+    from genpi.serve.app import serve_until_stopped, start
 
     published = [i for i, _ in AdapterRegistry(store, 0).published()]
     print(f"store {store.uri}: {len(published)} published adapter(s): {', '.join(published) or 'none yet'} "
           "(adapters published later are served without a restart)")
     url = start(cfg, blocking=False)
-    print(f"serving on {url}/v1/chat/completions and {url}/v1/models; Ctrl-C stops")
-    import time as _time
-
-    from ray import serve
-
-    try:
-        while True:
-            _time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping")
-    finally:
-        serve.shutdown()
+    print(f"serving on {url}/v1/chat/completions and {url}/v1/models; Ctrl-C stops", flush=True)
+    # Ctrl-C or SIGTERM (`ray job stop`) deletes genpi's app only, not other Serve apps of
+    # a shared cluster (serve.shutdown() would remove them all).
+    serve_until_stopped()
+    print("stopped")
     return 0
 
 

@@ -2,14 +2,13 @@
 
 Layout (see DESIGN.md):
     <store>/prompts/<prompt_id>/<fingerprint>/spec.json, synth/*.parquet, adapter/, eval.json, DONE
-    <store>/registry.json        prompt id -> published fingerprint
+    <store>/registry/<id>.json   one record per prompt: its published fingerprint + summary
     <store>/runs/<run_id>/       reports
 Each stage has its own completion marker so a killed run redoes only unfinished stages;
 `DONE` is written last and nothing without it is ever served or skipped.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -20,7 +19,8 @@ from typing import Any, Iterator
 
 import fsspec
 
-REGISTRY = "registry.json"
+REGISTRY = "registry.json"  # one file for every prompt: stores written before the records
+REGISTRY_DIR = "registry"
 
 
 # Settings Ray workers need to reach the store (and the model cache) the way the driver does.
@@ -166,33 +166,56 @@ class Store:
     def is_done(self, prompt_id: str, fp: str) -> bool:
         return self.exists(self.path("prompts", prompt_id, fp, "DONE"))
 
-    @contextlib.contextmanager
-    def _registry_lock(self) -> Iterator[None]:
-        if not self.local:
-            yield  # single writer per job on object stores: last PUT wins, each PUT is whole
-            return
-        import fcntl
-
-        with open(self.path(".registry.lock"), "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def registry(self) -> dict[str, dict[str, Any]]:
-        p = self.path(REGISTRY)
-        return self.read_json(p) if self.exists(p) else {}
+        """Prompt id -> published entry ({"fingerprint", "published_at", summary...}).
+
+        One record per prompt, `registry/<id>.json`, each written whole by one PUT: two
+        publishers (two jobs, `genpi eval` during a job) never overwrite each other's
+        entries, as a shared read-modify-written file does on an object store. Stores
+        written before hold one `registry.json`; its entries count unless a record replaces
+        them. Records are cached by version (one listing per call; only new or changed
+        records are fetched), since serving re-reads the registry every few seconds."""
+        reg: dict[str, dict[str, Any]] = {}
+        legacy = self.path(REGISTRY)
+        if self.exists(legacy):
+            reg.update(self.read_json(legacy))
+        folder = self.path(REGISTRY_DIR)
+        try:
+            self.fs.invalidate_cache(folder)  # object stores cache listings; a publish must show
+            infos = [i for i in self.fs.ls(folder, detail=True)
+                     if i.get("type") == "file" and i["name"].endswith(".json")]
+        except FileNotFoundError:
+            return reg
+        cache = self.__dict__.setdefault("_records", {})
+        versions = {i["name"]: tuple(str(i.get(k)) for k in ("ino", "mtime", "size", "ETag", "LastModified"))
+                    for i in infos}
+        stale = [n for n, v in versions.items() if cache.get(n, (None,))[0] != v]
+        if stale:
+            for name, blob in self.fs.cat(stale, on_error="omit").items():
+                try:
+                    entry = json.loads(blob.decode())
+                except ValueError:
+                    continue  # a foreign or broken file is not an entry (serving logs malformed ones)
+                cache[name] = (versions[name], entry)
+        for name in list(cache):
+            if name not in versions:
+                del cache[name]
+        for name, (_, entry) in cache.items():
+            pid = entry.get("id") if isinstance(entry, dict) else None
+            if isinstance(pid, str):
+                reg[pid] = {k: v for k, v in entry.items() if k != "id"}
+        return reg
 
     def publish(self, prompt_id: str, fp: str, summary: dict[str, Any] | None = None) -> None:
-        """Mark the prompt DONE (last file written) and point the registry at it."""
+        """Mark the prompt DONE (last file written) and point its registry record at it."""
         done = self.path("prompts", prompt_id, fp, "DONE")
         if not self.exists(done):
             self.write_json(done, {"finished_at": time.time()})
-        with self._registry_lock():
-            reg = self.registry()
-            reg[prompt_id] = {"fingerprint": fp, "published_at": time.time(), **(summary or {})}
-            self.write_json(self.path(REGISTRY), reg)
+        self.write_json(self.registry_record(prompt_id),
+                        {"id": prompt_id, "fingerprint": fp, "published_at": time.time(), **(summary or {})})
+
+    def registry_record(self, prompt_id: str) -> str:
+        return self.path(REGISTRY_DIR, f"{prompt_id}.json")
 
     def published(self, prompt_id: str) -> str | None:
         entry = self.registry().get(prompt_id)

@@ -89,7 +89,7 @@ def test_small_internalization_moves_the_adapter_towards_the_teacher(tmp_path):
                    # role-play is covered by tests/test_roleplay.py and test_synth_ray.py
                    "eval.latency_repeats=1", "synth.roleplay_conversations=0"])
     assert rc == 0
-    reg = json.loads((store / "registry.json").read_text())
+    reg = Store(store, create=False).registry()
     ev = json.loads((store / "prompts" / "fr" / reg["fr"]["fingerprint"] / "eval.json").read_text())
     kl = ev["metrics"]["kl"]
     assert kl["adapter"] < kl["base"] and kl["ratio"] > 0.1, kl
@@ -106,7 +106,7 @@ def test_readme_acceptance_french(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "genpi.cli", "internalize", "examples/prompts/french.yaml",
                            "--store", str(store)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reg = json.loads((store / "registry.json").read_text())
+    reg = Store(store, create=False).registry()
     ev = json.loads((store / "prompts" / "french" / reg["french"]["fingerprint"] / "eval.json").read_text())
     assert ev["checks"]["language=fr"]["ratio"] >= 0.9, ev["checks"]
     assert ev["metrics"]["kl"]["ratio"] >= 0.6, ev["metrics"]

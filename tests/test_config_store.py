@@ -250,7 +250,7 @@ def test_registry_survives_concurrent_publishers(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(json.loads((tmp_path / "s" / "registry.json").read_text())) == sorted(ids)
+    assert sorted(Store(tmp_path / "s", create=False).registry()) == sorted(ids)
 
 
 def test_put_dir_is_whole_or_absent(tmp_path):
@@ -265,3 +265,53 @@ def test_put_dir_is_whole_or_absent(tmp_path):
     (src / "b.bin").write_bytes(b"2")
     st.put_dir(str(src), dest)
     assert sorted(os.listdir(dest)) == ["a.bin", "b.bin"]
+
+
+def test_registry_keeps_every_entry_of_two_publishers_on_s3(tmp_path):
+    """Two jobs publishing into one bucket at once (a real S3 server on 127.0.0.1): a shared
+    registry file read-modify-written by both loses entries; one record per prompt does not."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="shared")
+        code = ("import sys\nfrom genpi.store import Store\nst = Store('s3://shared/store')\n"
+                "for i in range(25):\n    st.publish(f'{sys.argv[1]}{i}', '0123456789abcdef', {'kl_ratio': 0.5})\n")
+        jobs = [subprocess.Popen([sys.executable, "-c", code, name], env=env) for name in ("a", "b")]
+        assert [j.wait(timeout=120) for j in jobs] == [0, 0]
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            os.environ[k] = env[k]
+        reg = Store("s3://shared/store", create=False).registry()
+        assert sorted(reg) == sorted(f"{n}{i}" for n in "ab" for i in range(25))
+        assert all(e["fingerprint"] == "0123456789abcdef" and e["kl_ratio"] == 0.5 for e in reg.values())
+    finally:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+            os.environ.pop(k, None)
+        server.stop()
+
+
+def test_registry_reads_records_over_an_old_registry_file(tmp_path):
+    """Stores written before the per-prompt records keep their entries; a record replaces one."""
+    st = Store(tmp_path / "s")
+    st.write_json(st.path("registry.json"), {"old": {"fingerprint": "1" * 16}, "moved": {"fingerprint": "2" * 16}})
+    st.publish("moved", "3" * 16)
+    reg = st.registry()
+    assert reg["old"]["fingerprint"] == "1" * 16 and reg["moved"]["fingerprint"] == "3" * 16
+    # A changed record is re-read (the cache follows versions), a removed one disappears.
+    st.publish("moved", "4" * 16)
+    assert st.registry()["moved"]["fingerprint"] == "4" * 16
+    os.remove(st.registry_record("moved"))
+    assert st.registry()["moved"]["fingerprint"] == "2" * 16

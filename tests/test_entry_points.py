@@ -21,6 +21,7 @@ from genpi.pipeline.run import internalize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_OVERRIDES, TINY_SEEDS  # noqa: E402
+from genpi.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "internalize_many.py"
@@ -111,7 +112,7 @@ def test_both_runners_write_the_same_artifacts(published):
         torch.testing.assert_close(wl[k], wr[k], rtol=1e-3, atol=1e-5, msg=k)
     el, er = (json.loads((d / "eval.json").read_text()) for d in (local, ray_))
     assert el["metrics"]["kl"]["adapter"] == pytest.approx(er["metrics"]["kl"]["adapter"], rel=1e-2, abs=1e-4)
-    rl, rr = (json.loads((published[k] / "registry.json").read_text())["pirate"] for k in ("local", "ray"))
+    rl, rr = (Store(published[k], create=False).registry()["pirate"] for k in ("local", "ray"))
     assert rl.keys() == rr.keys() and rl["kl_ratio"] == pytest.approx(rr["kl_ratio"], rel=1e-2, abs=1e-3)
 
 
@@ -134,14 +135,14 @@ def test_skip_repairs_a_registry_left_pointing_elsewhere(published, kind, tmp_pa
 
     store = tmp_path / "store"
     shutil.copytree(published[kind], store)
-    reg = json.loads((store / "registry.json").read_text())
-    fp = reg["pirate"]["fingerprint"]
+    record = store / "registry" / "pirate.json"
+    reg = json.loads(record.read_text())
+    fp = reg["fingerprint"]
     # A run killed between DONE and the registry update: the registry still names an older fingerprint.
-    reg["pirate"] = {"fingerprint": "0123456789abcdef", "published_at": 0}
-    (store / "registry.json").write_text(json.dumps(reg))
+    record.write_text(json.dumps({"id": "pirate", "fingerprint": "0123456789abcdef", "published_at": 0}))
     cfg = load_config(None, [*published["overrides"], f"store={store}"])
     assert internalize(str(published["manifest"]), cfg, kind) == 0
-    repaired = json.loads((store / "registry.json").read_text())["pirate"]
+    repaired = Store(store, create=False).registry()["pirate"]
     assert repaired["fingerprint"] == fp and "kl_ratio" in repaired
     assert "1 unchanged (skipped)" in capsys.readouterr().out
 
@@ -241,4 +242,4 @@ def test_a_stage_the_cluster_cannot_run_fails_its_prompts_with_a_report(ray_loca
     [report] = (store / "runs").glob("*/report.json")
     [row] = json.loads(report.read_text())["prompts"]
     assert row["status"] == "failed" and row["failed_stage"] == "synth" and "cluster.gpus_per_engine_actor" in row["error"]
-    assert not (store / "registry.json").exists()
+    assert not (store / "registry").exists() and not Store(store, create=False).registry()

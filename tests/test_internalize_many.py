@@ -80,7 +80,7 @@ def test_five_prompts_then_only_the_changed_one_is_redone(model, ray_local, tmp_
     assert internalize(str(manifest), cfg, "ray") == 0
     out = capsys.readouterr().out
     assert "5 new" in out and "5 published" in out
-    reg = json.loads((store / "registry.json").read_text())
+    reg = Store(store, create=False).registry()
     assert set(reg) == set(PROMPTS)
     runs = sorted((store / "runs").glob("*/report.json"))
     assert runs and (runs[-1].parent / "report.html").exists()
@@ -96,7 +96,7 @@ def test_five_prompts_then_only_the_changed_one_is_redone(model, ray_local, tmp_
     assert internalize(str(manifest), cfg, "ray") == 0
     out = capsys.readouterr().out
     assert "1 changed, 4 unchanged" in out and "1 published, 4 unchanged" in out
-    reg2 = json.loads((store / "registry.json").read_text())
+    reg2 = Store(store, create=False).registry()
     for pid in PROMPTS:
         if pid == "poet":
             assert reg2[pid]["fingerprint"] != reg[pid]["fingerprint"] and len(fp_dirs(store, pid)) == 2
@@ -193,12 +193,12 @@ def test_sigkill_during_training_then_resume_publishes_each_once(ray_head, tmp_p
     time.sleep(3)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert not (store / "registry.json").exists() or len(json.loads((store / "registry.json").read_text())) < 3
+    assert len(Store(store, create=False).registry()) < 3
     synth_before = {pid: tree(fp_dirs(store, pid)[0] / "synth") for pid in ("french", "pirate", "chef")}
 
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    reg = json.loads((store / "registry.json").read_text())
+    reg = Store(store, create=False).registry()
     assert set(reg) == {"french", "pirate", "chef"}
     for pid in reg:
         (d,) = fp_dirs(store, pid)  # one fingerprint, one DONE, one adapter
@@ -224,7 +224,7 @@ def test_ray_job_submit_to_a_local_head(ray_head, tmp_path, tiny_model_dir):
         time.sleep(5)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout.lower()
-    assert "pirate" in json.loads((store / "registry.json").read_text())
+    assert "pirate" in Store(store, create=False).registry()
 
 
 def test_store_on_s3_compatible_server(tmp_path, tiny_model_dir):

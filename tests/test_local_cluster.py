@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from genpi.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-cluster.sh"
@@ -75,7 +76,7 @@ def test_local_cluster_runs_the_batch_job_across_worker_nodes(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "succeeded" in text
-    registry = json.loads((store / "registry.json").read_text())
+    registry = Store(store, create=False).registry()
     assert "french" in registry, registry
     fp = registry["french"]["fingerprint"] if isinstance(registry["french"], dict) else registry["french"]
     pdir = store / "prompts" / "french" / fp

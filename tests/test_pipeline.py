@@ -128,7 +128,7 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
                 "adapter/adapter_model.safetensors", "eval.json", "DONE"):
         assert (fpdir / rel).is_file(), rel
     assert not (fpdir / "error.json").exists()
-    registry = json.loads((store / "registry.json").read_text())
+    registry = Store(store, create=False).registry()
     assert registry["pirate"]["fingerprint"] == fp
     spec = json.loads((fpdir / "spec.json").read_text())
     assert spec["entry"]["prompt"] == PROMPT and spec["fingerprint"] == fp
@@ -159,12 +159,12 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
 
     # The same command again does no work: skipped, and nothing under the prompt changes.
     before = _tree(fpdir)
-    registry_mtime = (store / "registry.json").stat().st_mtime_ns
+    registry_mtime = (store / "registry" / "pirate.json").stat().st_mtime_ns
     rc, out, err = _cli(capsys, *args)
     assert rc == 0, out + err
     assert "unchanged" in out and "1 unchanged (skipped)" in out
     assert _tree(fpdir) == before
-    assert (store / "registry.json").stat().st_mtime_ns == registry_mtime
+    assert (store / "registry" / "pirate.json").stat().st_mtime_ns == registry_mtime
     assert _fp_dirs(store, "pirate") == [fpdir]
 
     # A changed prompt is a new fingerprint, published beside the old one.
@@ -176,7 +176,7 @@ def test_internalize_end_to_end_tiny(tiny_overrides, tiny_model_dir, write_manif
     assert len(dirs) == 2 and fpdir in dirs
     [new_dir] = [d for d in dirs if d != fpdir]
     assert (new_dir / "DONE").is_file()
-    assert json.loads((store / "registry.json").read_text())["pirate"]["fingerprint"] == new_dir.name
+    assert Store(store, create=False).registry()["pirate"]["fingerprint"] == new_dir.name
     assert _tree(fpdir) == before
 
     rc, out, err = _cli(capsys, "inspect", "--store", store)
@@ -240,8 +240,7 @@ def test_resume_after_kill(tiny_overrides, write_manifest, tmp_path):
     adapter = fpdir / "adapter"
     if adapter.exists():  # only ever whole
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    reg = store / "registry.json"
-    assert not reg.exists() or "pirate" not in json.loads(reg.read_text())
+    assert "pirate" not in Store(store, create=False).registry()
     synth_before = _tree(fpdir / "synth")
     assert {"inputs.parquet", "to_be.parquet", "as_is.parquet", "reasons.parquet", COMPLETE} <= set(synth_before)
 

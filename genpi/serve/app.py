@@ -391,12 +391,17 @@ def start(cfg: GenpiConfig, blocking: bool = True) -> str:
     url = f"http://{s.host}:{s.port}"
     log.info("genpi serving at %s/v1 (models: %s/v1/models)", url, url)
     if blocking:
-        with sigterm_as_interrupt():
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                log.info("stopping: deleting the Serve app %r", APP_NAME)
-            finally:
-                stop()
+        serve_until_stopped()
     return url
+
+
+def serve_until_stopped() -> None:
+    """Block until Ctrl-C or SIGTERM, then delete genpi's app (stop())."""
+    with sigterm_as_interrupt():
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("stopping: deleting the Serve app %r", APP_NAME)
+        finally:
+            stop()
