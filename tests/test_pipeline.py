@@ -250,7 +250,7 @@ def test_resume_after_kill(tiny_overrides, write_manifest, tmp_path):
     assert _fp_dirs(store, "pirate") == [fpdir]
     assert _tree(fpdir / "synth") == synth_before, "the rerun redid finished synthesis"
     assert (fpdir / "DONE").is_file() and (fpdir / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads(reg.read_text())["pirate"]["fingerprint"] == fpdir.name
+    assert Store(store, create=False).registry()["pirate"]["fingerprint"] == fpdir.name
     reports = [json.loads(p.read_text()) for p in (store / "runs").glob("*/report.json")]
     published = [p for r in reports for p in r["prompts"] if p["id"] == "pirate" and p["status"] == "published"]
     assert len(published) == 1

@@ -20,6 +20,7 @@ from collections import Counter
 from html import escape
 
 from genpi.eval.fmt import fmt
+from genpi.eval.report import perplexity_flag
 from genpi.eval.result import EvalResult
 
 STAGES = ("synth", "train", "eval")
@@ -205,14 +206,24 @@ def plot_stage_times(report: dict) -> bytes | None:
     return _png(fig)
 
 
+def _degenerate(metrics) -> float | None:
+    return metrics.degenerate.adapter if metrics.degenerate is not None else None
+
+
 def _stats(prompts: list[dict]) -> list[str]:
     """One line per headline figure: how it is distributed over the prompts that have it."""
     import statistics
 
     evs = [ev for p in prompts if (ev := _eval(p))]
+    human = [ev.human for ev in evs if ev.human is not None]
     series = {"KL ratio": [ev.metrics.kl.ratio for ev in evs],
               "agreement ratio": [ev.metrics.agreement.ratio for ev in evs],
               "check ratios": [r for ev in evs for r in ev.check_ratios().values()],
+              "human-written inputs: KL ratio": [h.metrics.kl.ratio for h in human],
+              "human-written inputs: check ratios": [r for h in human for r in h.check_ratios().values()],
+              "degenerate replies of the adapter, held-out": [_degenerate(ev.metrics) for ev in evs],
+              "degenerate replies of the adapter, human-written": [_degenerate(h.metrics) for h in human],
+              "plain-text perplexity ratio (adapter / base)": [ev.plain_text.ratio for ev in evs if ev.plain_text],
               "input tokens saved / request": [ev.efficiency.input_tokens_saved_per_request for ev in evs],
               **{f"{s} s per prompt": [_get(p, "seconds", s) for p in prompts] for s in STAGES}}
     out = []
@@ -223,6 +234,16 @@ def _stats(prompts: list[dict]) -> list[str]:
                        f"10% {fmt(vs[len(vs) // 10])}, 90% {fmt(vs[(9 * len(vs)) // 10])}, "
                        f"min {fmt(vs[0])}, max {fmt(vs[-1])} (n={len(vs)})</li>")
     return out
+
+
+def _flags(prompts: list[dict]) -> list[str]:
+    """Adapters that raise plain-text perplexity above the flag (issue 16, "do no harm"), each
+    linked to its row; a <ul>, as the numbered list is the failures'."""
+    flagged = [(i, f) for i, p in enumerate(prompts) if (ev := _eval(p)) and (f := perplexity_flag(ev))]
+    if not flagged:
+        return []
+    return [f'<h2 id="flags">Flagged: harm where the prompt does not apply ({len(flagged)})</h2>', '<ul class="flags">',
+            *(f'<li><a href="#r{i}">{escape(f)}</a></li>' for i, f in flagged), "</ul>"]
 
 
 def _error(p: dict) -> str:
@@ -306,6 +327,7 @@ def render_html(report: dict, plots: dict[str, bytes | None]) -> str:
             f'<button type="button" data-f="{s}" class="s-{s}">{counts.get(s, 0)} {s}</button>'
             for s in STATUS_COLOURS) + "</p>",
         *_failures(prompts),
+        *_flags(prompts),
         *(['<h2>Distributions</h2><ul class="stats">', *stats, "</ul>"] if stats else []),
         "<h2>Prompts</h2>",
         '<table id="prompts"><thead><tr>'

@@ -4,7 +4,8 @@ Written by the evaluation (genpi/eval/run.py), read by the run reports, the regi
 the CLI and the benchmarks. Every score is given for three systems on the same held-out inputs:
 the teacher (base model with the prompt), the base (without it) and the adapter (without it),
 plus the internalization ratio (adapter - base) / (teacher - base), None where teacher and
-base score the same (a ratio would then be noise).
+base score the same (a ratio would then be noise). The held-out split's scores are `metrics`
+and `checks`; the human-written set's are under `human`; `plain_text` is the perplexity check.
 
 eval.json files written before this record existed keep each declared check under
 `metrics` as "check:NAME"; `EvalResult.model_validate` reads those too (stores in use have them).
@@ -35,6 +36,10 @@ class KLMetric(Metric):
 class Metrics(BaseModel):
     kl: KLMetric
     agreement: Metric  # ROUGE-L F1 with the teacher's greedy reply
+    # Share of degenerate replies (genpi.eval.metrics.is_degenerate: a repeated n-gram fills
+    # the reply); lower is better for every system and the teacher is no target, so no ratio.
+    # None in eval.json files written before it was measured.
+    degenerate: Metric | None = None
 
 
 class Latency(BaseModel):
@@ -75,6 +80,28 @@ class LeakSample(BaseModel):
     adapter: str
 
 
+class InputSetEval(BaseModel):
+    """The same scores as the held-out split's, on another set of inputs (the human-written
+    user messages shipped in genpi/data/human_inputs.jsonl)."""
+    n_inputs: int
+    metrics: Metrics
+    checks: dict[str, Metric] = Field(default_factory=dict)
+    samples: list[Sample] = Field(default_factory=list)
+
+    def check_ratios(self) -> dict[str, float | None]:
+        return {name: m.ratio for name, m in self.checks.items()}
+
+
+class PlainTextPerplexity(BaseModel):
+    """What the adapter costs where its prompt does not apply: perplexity of general English
+    prose (genpi/data/plain_text.txt) with the adapter and with the base, neither prompted."""
+    base: float
+    adapter: float
+    ratio: float  # adapter / base; above genpi.eval.metrics.PERPLEXITY_FLAG_RATIO is flagged
+    tokens: int  # the predicted tokens the perplexities are over
+    flagged: bool
+
+
 class EvalResult(BaseModel):
     prompt_id: str
     n_heldout: int
@@ -84,6 +111,10 @@ class EvalResult(BaseModel):
     leak: Leak | None = None  # None when no leak probes are configured
     samples: list[Sample] = Field(default_factory=list)
     leak_samples: list[LeakSample] = Field(default_factory=list)
+    # The human-written set, kept apart from the held-out split's `metrics`/`checks` above;
+    # None in eval.json files written before it was measured (or when it was not run).
+    human: InputSetEval | None = None
+    plain_text: PlainTextPerplexity | None = None  # None: not measured (older eval.json files)
 
     @model_validator(mode="before")
     @classmethod
@@ -122,5 +153,11 @@ class EvalResult(BaseModel):
 
 
 def registry_summary(ev: EvalResult | None) -> dict:
-    """What the registry keeps next to a published fingerprint (serving shows it per adapter)."""
-    return {"kl_ratio": ev.metrics.kl.ratio} if ev is not None else {}
+    """What the registry keeps next to a published fingerprint (serving shows it per adapter):
+    the held-out KL ratio and, where measured, the human-written set's."""
+    if ev is None:
+        return {}
+    out = {"kl_ratio": ev.metrics.kl.ratio}
+    if ev.human is not None:
+        out["human_kl_ratio"] = ev.human.metrics.kl.ratio
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from collections import Counter
 
 from genpi.config import SynthConfig
@@ -72,24 +73,92 @@ def _strip_quotes(s: str) -> str:
     return s
 
 
+def _is_mark(ch: str) -> bool:
+    """A combining mark (Thai and Devanagari vowel signs, tone marks, decomposed accents): part
+    of the letter before it. `\\w` does not match marks, so splitting on non-word characters
+    alone cut Thai words apart at every vowel sign."""
+    return unicodedata.category(ch).startswith("M")
+
+
 def normalise(s: str) -> str:
-    return re.sub(r"[^\w]+", " ", s.lower()).strip()
+    """Lower case, everything but letters, digits, "_" and combining marks turned into single
+    spaces (for text without marks exactly the old `[^\\w]+` -> " " rule)."""
+    kept = "".join(ch if ch.isalnum() or ch == "_" or _is_mark(ch) else " " for ch in s.lower())
+    return " ".join(kept.split())
+
+
+# Scripts that do not put spaces between words, with the characters per word assumed when
+# counting them (the standard library has no word segmenter and genpi takes no dependency for
+# one): Chinese words average under two characters and Japanese ones about two, so two
+# characters count as a word; a Thai, Lao, Khmer or Myanmar word averages three to four letters
+# (a letter with its combining marks), so three count as one. Korean separates words by spaces.
+_CJK = re.compile("[\u3005\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                  "\uff66-\uff9f\U00020000-\U0002fa1f]")
+_SEA = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
+UNITS_PER_WORD = {"cjk": 2, "sea": 3}
+
+
+def _units(text: str) -> list[list[tuple[str, str]]]:
+    """Per space-separated word of the normalised text, its units with their script kind: a run
+    of other scripts is one unit ("other"); in scripts without spaces each character (with its
+    combining marks) is one ("cjk", "sea")."""
+    out = []
+    for word in normalise(text).split():
+        units: list[tuple[str, str]] = []
+        for ch in word:
+            kind = "cjk" if _CJK.match(ch) else "sea" if _SEA.match(ch) else "other"
+            if units and (_is_mark(ch) or kind == units[-1][1] == "other"):
+                units[-1] = (units[-1][0] + ch, units[-1][1])  # a mark joins its letter
+            else:
+                units.append((ch, kind))
+        out.append(units)
+    return out
+
+
+def tokens(text: str) -> list[str]:
+    """Words of spaced scripts and single characters of scripts without spaces: the units for
+    comparing texts (near-duplicate shingles, ROUGE-L, repeated n-grams), as Chinese and
+    Japanese ROUGE are computed on characters. For space-separated text: normalise(text).split()."""
+    return [u for units in _units(text) for u, _ in units]
+
+
+def words(text: str) -> list[str]:
+    """Words as the input filter counts them: spaced words as they are, runs of a script without
+    spaces cut into pseudo-words of UNITS_PER_WORD characters. For space-separated text:
+    normalise(text).split()."""
+    out: list[str] = []
+    for units in _units(text):
+        run: list[str] = []
+        for i, (unit, kind) in enumerate(units):
+            run.append(unit)
+            nxt = units[i + 1][1] if i + 1 < len(units) else None
+            if nxt != kind or len(run) == UNITS_PER_WORD.get(kind, 1):
+                out.append("".join(run))
+                run = []
+    return out
+
+
+def display_width(s: str) -> int:
+    """Length in columns: wide (CJK) characters count two, as each carries about as much as two
+    or three Latin letters, so the length limits mean the same in every script."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
 
 
 def degenerate_reason(s: str, cfg: SynthConfig) -> str | None:
     """Why an input is unusable, or None."""
-    if len(s) < cfg.min_input_chars:
+    width = display_width(s)
+    if width < cfg.min_input_chars:
         return "too_short"
-    if len(s) > cfg.max_input_chars:
+    if width > cfg.max_input_chars:
         return "too_long"
-    letters = sum(ch.isalpha() for ch in s)
+    letters = sum(ch.isalpha() or _is_mark(ch) for ch in s)
     if letters < 0.5 * len(s):
         return "not_text"
-    words = normalise(s).split()
-    if len(words) < 3:
+    words_ = words(s)
+    if len(words_) < 3:
         return "too_few_words"
-    top = Counter(words).most_common(1)[0][1]
-    if len(words) >= 6 and top / len(words) > 0.4:
+    top = Counter(words_).most_common(1)[0][1]
+    if len(words_) >= 6 and top / len(words_) > 0.4:
         return "repetitive"
     if any(tok in s for tok in ("<|", "|>", "[END")):
         return "special_tokens"
@@ -98,9 +167,10 @@ def degenerate_reason(s: str, cfg: SynthConfig) -> str | None:
 
 def shingles(key: str) -> set[str]:
     """Words and word pairs of a normalised input: pairs tell "reset my password" from
-    "my password reset failed" better than bags of words, words catch reordered copies."""
-    words = key.split()
-    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+    "my password reset failed" better than bags of words, words catch reordered copies.
+    In scripts without spaces the units are characters (character bigrams, as usual for CJK)."""
+    units = tokens(key)
+    return set(units) | {f"{a} {b}" for a, b in zip(units, units[1:])}
 
 
 def _near_duplicate(a: set[str], b: set[str], threshold: float) -> bool:
