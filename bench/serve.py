@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from genpi.config import load_config
     from genpi.manifest import load_manifest
     from genpi.models import load_tokenizer
-    from genpi.serve.app import start
+    from genpi.serve.lifecycle import start
     from genpi.serve.config import base_model_name
 
     entries = {k: load_manifest(p)[0] for k, p in PROMPTS.items()}

@@ -192,7 +192,7 @@ def cmd_serve(args) -> int:
         print(f"exported {len(done)} adapter(s) to {lora_export_uri(cfg)}: {', '.join(done) or 'all up to date'}")
         return 0
     from genpi.serve.adapters import AdapterRegistry
-    from genpi.serve.app import serve_until_stopped, start
+    from genpi.serve.lifecycle import serve_until_stopped, start
 
     published = [i for i, _ in AdapterRegistry(store, 0).published()]
     print(f"store {store.uri}: {len(published)} published adapter(s): {', '.join(published) or 'none yet'} "

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from genpi.cli import main  # noqa: E402
-from genpi.serve.app import sigterm_as_interrupt  # noqa: E402
+from genpi.serve.lifecycle import sigterm_as_interrupt  # noqa: E402
 
 if __name__ == "__main__":
     with sigterm_as_interrupt():

@@ -153,7 +153,7 @@ def server(ray_local, published):
     """The app, started by the same function `genpi serve` runs, on a free loopback port."""
     from ray import serve
 
-    from genpi.serve.app import start
+    from genpi.serve.lifecycle import start
 
     port = _free_port()
     cfg = load_config(None, [

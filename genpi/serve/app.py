@@ -14,13 +14,9 @@ config `genpi serve --print-config` writes).
 # No `from __future__ import annotations` here: FastAPI must see the real `Request`
 # annotation on the routes (as a string it became a required query parameter under Serve).
 import asyncio
-import contextlib
 import logging
-import signal
-import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,9 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genpi.config import GenpiConfig
 from genpi.serve import openai as oa
-from genpi.serve.adapters import AdapterRef, AdapterRegistry, export_lora_layout
-from genpi.serve.config import (APP_NAME, INGRESS, MODEL, app_args_config, base_model_name, deployment_options,
-                                llm_app_config)
+from genpi.serve.adapters import AdapterRef, AdapterRegistry
+from genpi.serve.replica import GenpiAdapters
+from genpi.serve.config import INGRESS, MODEL, app_args_config, base_model_name, deployment_options
 from genpi.serve.openai import ApiError
 
 log = logging.getLogger("genpi.serve")
@@ -252,66 +248,6 @@ class GenpiIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@serve.deployment
-class GenpiAdapters:
-    """One base model; adapters multiplexed per replica with LRU eviction (Ray Serve's)."""
-
-    def __init__(self, config: dict[str, Any]):
-        from genpi.serve.backend import AdapterBackend
-
-        self.cfg = GenpiConfig.model_validate(config)
-        self.backend = AdapterBackend(self.cfg)
-        # One worker thread owns the model: requests queue here in arrival order and the
-        # event loop stays free to route, stream and load.
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genpi-model")
-
-        async def load(key: str):
-            ref = AdapterRef.from_key(key)
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.load, ref)
-
-        # Configured per deployment, hence wrapped here rather than as a class decorator
-        # (Ray Serve detects multiplexing wired up at init time).
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters_per_replica)(load)
-
-    async def ready(self) -> dict[str, Any]:
-        attached = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.attached)
-        return {"base": self.backend.base_name, "adapters_loaded": attached}
-
-    async def _handle(self):
-        key = serve.get_multiplexed_model_id()
-        return await self.get_adapter(key) if key else None
-
-    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
-        req = oa.ChatCompletionRequest.model_validate(payload)
-        handle = await self._handle()
-        out = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.generate, req, handle)
-        return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens, "tokens_saved": handle.tokens_saved if handle else 0}
-
-    async def stream(self, payload: dict[str, Any]):
-        req = oa.ChatCompletionRequest.model_validate(payload)
-        handle = await self._handle()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(delta: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
-
-        def work():
-            try:
-                return self.backend.stream(req, handle, emit)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)  # after every delta (FIFO)
-
-        yield {"event": "start", "tokens_saved": handle.tokens_saved if handle else 0}
-        fut = loop.run_in_executor(self.pool, work)
-        while (delta := await queue.get()) is not None:
-            yield {"delta": delta}
-        out = await fut
-        yield {"event": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-               "completion_tokens": out.completion_tokens}
-
-
 def build_app(args: dict[str, Any]):
     """Application builder for `serve run`/`serve deploy`: args = {"config": GenpiConfig dict}."""
     from genpi.config import ConfigError, _validate
@@ -323,85 +259,3 @@ def build_app(args: dict[str, Any]):
     opts = deployment_options(cfg)
     model = GenpiAdapters.options(name=MODEL, **opts[MODEL]).bind(config)
     return GenpiIngress.options(name=INGRESS, **opts[INGRESS]).bind(model, config)
-
-
-_sigterm_blocks = 0  # how many sigterm_as_interrupt blocks are open (main thread only)
-
-
-def _interrupt(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean-up; SIGKILL still ends it
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside this block SIGTERM (`ray job stop`, Kubernetes) raises KeyboardInterrupt, so
-    Ctrl-C's clean-up runs for it too. ray.init replaces the SIGTERM handler with Ray's (the
-    driver then aborts, deleting nothing): start() reinstalls this one after ray.init while a
-    block is open. Later SIGTERMs are ignored so the clean-up is not cut short (SIGKILL still
-    ends it). A no-op outside the main thread, where Python cannot install handlers."""
-    global _sigterm_blocks
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    _sigterm_blocks += 1
-    try:
-        yield
-    finally:
-        _sigterm_blocks -= 1
-        signal.signal(signal.SIGTERM, previous)
-
-
-def stop() -> None:
-    """Delete genpi's app, not other Serve apps of a shared cluster (as serve.shutdown would).
-    The controller finishes the deletion alone: no waiting (a stopped job gets 3 s)."""
-    serve.delete(APP_NAME, _blocking=False)
-
-
-def start(cfg: GenpiConfig, blocking: bool = True) -> str:
-    """Start Ray (or join cfg.cluster.address / RAY_ADDRESS) and run the app; returns the base URL.
-
-    Blocking: serve until Ctrl-C or SIGTERM (`ray job stop`), then delete the app (stop()) and
-    return normally, so the process exits 0 like Ray's own `serve run` after Ctrl-C.
-    """
-    from genpi.rayinit import ensure_ray
-
-    ensure_ray(cfg.cluster, configure_logging=False)
-    if _sigterm_blocks and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # ray.init replaced it (see sigterm_as_interrupt)
-    s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    if s.backend == "vllm":
-        try:
-            from ray.serve.llm import build_openai_app
-        except ImportError as e:
-            from genpi.config import ConfigError
-
-            raise ConfigError(f"serve.backend=vllm needs vLLM and Ray Serve LLM: pip install -e '.[gpu]' ({e})") from None
-        export_lora_layout(cfg)
-        app = build_openai_app(llm_app_config(cfg)["args"])
-    else:
-        app = build_app({"config": app_args_config(cfg)})
-    try:
-        serve.run(app, name=APP_NAME, route_prefix="/")
-    except KeyboardInterrupt:  # stopped while deploying: leave nothing half-deployed behind
-        stop()
-        raise
-    url = f"http://{s.host}:{s.port}"
-    log.info("genpi serving at %s/v1 (models: %s/v1/models)", url, url)
-    if blocking:
-        serve_until_stopped()
-    return url
-
-
-def serve_until_stopped() -> None:
-    """Block until Ctrl-C or SIGTERM, then delete genpi's app (stop())."""
-    with sigterm_as_interrupt():
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log.info("stopping: deleting the Serve app %r", APP_NAME)
-        finally:
-            stop()
