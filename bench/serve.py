@@ -11,6 +11,13 @@ the input tokens per request, the time to the first streamed token (prefill-domi
 and the latency of a whole reply, requests one at a time with the arms interleaved, and
 prints (b)/(a) ratios: the product's headline. JSON goes to bench/results/.
 
+Then, under load: 16 concurrent clients over 8 adapters (and the bare base), requests/s at
+saturation and p50/p95 latency, with the replica batching rows of every adapter together
+(continuous batching, genpi.serve.batching) vs one request at a time (max batch 1), side by
+side in one run, through the same HTTP app.
+
+    python bench/serve.py --quick              # the load rows only, on a tiny random model
+
 The adapters are made first by the real pipeline with small synthesis/training settings
 (their quality does not change their cost: the LoRA shapes are those of the config), and
 reused on the next run (same fingerprint). On a GPU (serve.backend=vllm) the third arm,
@@ -109,18 +116,124 @@ def _one(client, body: dict) -> dict:
     return {"ttft": ttft if ttft is not None else total, "total": total, **usage}
 
 
+def _tiny_model() -> str:
+    """A tiny random Llama with the embedded SmolLM2 tokenizer (the tests' tiny model)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from genpi.config import load_config
+    from genpi.models import load_tokenizer
+
+    out = REPO / ".cache" / "bench" / "tiny-model"
+    if (out / "config.json").exists():
+        return str(out)
+    tok = load_tokenizer(load_config(None, []).model)
+    torch.manual_seed(0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=pad)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _load_arm(url: str, models: list[str], n_requests: int, clients: int, max_tokens: int) -> dict:
+    """`clients` threads sending `n_requests` non-streamed requests round-robin over `models`."""
+    import queue
+    import threading
+
+    import httpx
+
+    jobs: queue.Queue = queue.Queue()
+    for i in range(n_requests):
+        jobs.put(i)
+    lat: list[float] = []
+    errors: list[str] = []
+
+    def client():
+        with httpx.Client(base_url=url, timeout=600) as c:
+            while True:
+                try:
+                    i = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                body = {"model": models[i % len(models)], "temperature": 0, "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
+                t0 = time.perf_counter()
+                r = c.post("/v1/chat/completions", json=body)
+                lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(lat, n=100)
+    return {"requests": n_requests, "errors": len(errors), "first_error": errors[0] if errors else None,
+            "requests_per_s": n_requests / wall, "latency_ms_p50": 1000 * q[49], "latency_ms_p95": 1000 * q[94]}
+
+
+def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, max_tokens: int) -> dict:
+    """The batched replica vs one request at a time, same app, same load, one after the other."""
+    from ray import serve
+
+    from genpi.serve.app import GenpiIngress
+    from genpi.serve.config import APP_NAME, INGRESS, MODEL, app_args_config, base_model_name, deployment_options
+    from genpi.serve.replica import GenpiAdapters
+
+    config, opts = app_args_config(cfg), deployment_options(cfg)
+    models = [f"bench-a{i}" for i in range(n_adapters)] + [base_model_name(cfg)]
+    url = f"http://127.0.0.1:{port}"
+    rows = {}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for arm, max_batch in (("batched", None), ("one_at_a_time", 1)):
+        model = GenpiAdapters.options(name=MODEL, **opts[MODEL]).bind(config, max_batch)
+        serve.run(GenpiIngress.options(name=INGRESS, **opts[INGRESS]).bind(model, config), name=APP_NAME,
+                  route_prefix="/")
+        _load_arm(url, models, len(models), 1, 2)  # warm-up: every adapter read and in a slot
+        rows[arm] = _load_arm(url, models, n_requests, clients, max_tokens)
+        serve.delete(APP_NAME)
+        print(f"{arm}: {rows[arm]}")
+    b, o = rows["batched"], rows["one_at_a_time"]
+    return {"clients": clients, "adapters": n_adapters, "max_tokens": max_tokens, **rows,
+            "requests_per_s_ratio": b["requests_per_s"] / o["requests_per_s"],
+            "p95_ratio": b["latency_ms_p95"] / o["latency_ms_p95"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="embedded", help="model.name (default: the embedded SmolLM2-135M)")
     ap.add_argument("--store", default=str(REPO / ".cache" / "bench" / "serve-store"))
     ap.add_argument("--repeats", type=int, default=3, help="requests per question and arm (after one warm-up)")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the model replica")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in the model replica (default 2; 1 with --quick)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--train", action="store_true",
                     help="make the adapters with the real pipeline (small settings; slow for the long "
                          "prompt on a busy CPU) instead of publishing untrained ones of the configured shape")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the under-load rows, on a tiny random model (seconds, not minutes)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--load-requests", type=int, default=None, help="requests per load arm (default 6 per client)")
     args = ap.parse_args(argv)
+    if args.threads is None:
+        # The tiny model runs fastest on one thread: with two on a busy 2-core machine each
+        # step waits for spinning OpenMP threads (measured in-process: 11.9 -> 1.1 requests/s).
+        args.threads = 1 if args.quick else 2
+    if args.quick:
+        args.model = _tiny_model()
+        args.max_tokens = min(args.max_tokens, 16)
 
     import httpx
     import ray
@@ -134,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     from genpi.serve.lifecycle import start
     from genpi.serve.config import base_model_name
 
+    from genpi.manifest import PromptEntry
+
     entries = {k: load_manifest(p)[0] for k, p in PROMPTS.items()}
+    load_entries = [PromptEntry(id=f"bench-a{i}", prompt=f"Bench adapter {i}: answer briefly.")
+                    for i in range(args.adapters)]
     if args.train:
         overrides = [f"model.name={args.model}", *QUICK]
         for path in PROMPTS.values():  # a no-op when already published with these settings
@@ -145,19 +262,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapter for {path.name} ready ({time.time() - t0:.0f} s)")
     else:
         _publish_untrained(args.model, args.store, list(entries.values()))
+    _publish_untrained(args.model, args.store, load_entries)
     port = _free_port()
     cfg = load_config(None, [f"model.name={args.model}", f"store={args.store}", f"serve.port={port}",
                              f"serve.cpus_per_replica={args.threads}", "serve.cpus_per_ingress=0.1"])
     tok = load_tokenizer(cfg.model)
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "GENPI_CACHE": os.environ["GENPI_CACHE"]}})
-    url = start(cfg, blocking=False)
     base = base_model_name(cfg)
     results: dict = {"model": args.model, "device": "cpu", "max_tokens": args.max_tokens, "repeats": args.repeats,
                      "questions": QUESTIONS, "prompts": {}, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
-        with httpx.Client(base_url=url, timeout=600) as c:
-            for kind, entry in entries.items():
+        n_load = args.load_requests or 6 * args.clients
+        results["under_load"] = _under_load(cfg, port, args.adapters, n_load, args.clients, args.max_tokens)
+        if not args.quick:
+            url = start(cfg, blocking=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
+            for kind, entry in ({} if args.quick else entries).items():
                 prompt_tokens = len(tok(entry.prompt, add_special_tokens=False)["input_ids"])
                 arms = {
                     "prompted_base": lambda q: {"model": base, "messages": teacher_messages(entry.prompt, q)},
@@ -205,6 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         r = res["ratios_adapter_over_prompted"]
         print(f"{kind:<7} ratio adapter/prompted: input tokens {r['input_tokens']:.2f}, TTFT {r['ttft']:.2f}, "
               f"latency {r['latency']:.2f}   ({res['id']}: {res['prompt_tokens']}-token prompt)")
+    ul = results["under_load"]
+    print(f"\nunder load: {ul['clients']} concurrent clients over {ul['adapters']} adapters and the base, "
+          f"max_tokens={ul['max_tokens']}, {ul['batched']['requests']} requests per arm")
+    print(f"{'replica':<14} {'requests/s':>10} {'p50':>9} {'p95':>9} {'errors':>6}")
+    for arm in ("batched", "one_at_a_time"):
+        r = ul[arm]
+        print(f"{arm:<14} {r['requests_per_s']:>10.2f} {r['latency_ms_p50']:>7.0f}ms {r['latency_ms_p95']:>7.0f}ms "
+              f"{r['errors']:>6}")
+    print(f"batched / one at a time: {ul['requests_per_s_ratio']:.2f}x requests/s, p95 x{ul['p95_ratio']:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"

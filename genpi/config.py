@@ -207,9 +207,12 @@ class ServeConfig(_Strict):
     # With vLLM this caps the batch the engine can form: 256 is vLLM's default max_num_seqs,
     # so a replica can fill its batch (Ray Serve LLM's own default, 1e9, is unbounded). It must
     # stay well above target_ongoing_requests, which is what the autoscaler scales on: requests
-    # beyond the target are the backlog it sees (the CPU app runs one request at a time per
-    # replica; the rest wait in the replica's queue, counted the same way).
+    # beyond the target are the backlog it sees (the CPU app decodes up to max_batch_size
+    # requests together per replica; the rest wait in the replica's queue, counted the same way).
     max_ongoing_requests: int = Field(default=256, ge=1)
+    # CPU app: requests decoded together in one batch per replica (mixed adapters; continuous
+    # batching admits new ones between decoding steps). 1 = one request at a time.
+    max_batch_size: int = Field(default=16, ge=1)
     # The ingress (HTTP parsing, registry lookups) is light: a fraction of a CPU per replica.
     cpus_per_ingress: float = Field(default=0.25, ge=0)
     # The `model` name that selects the bare base; None = derived from model.name

@@ -1,5 +1,5 @@
 """The model replica of the CPU serving path (Ray Serve deployment `GenpiAdapters`): one base
-model and up to serve.max_adapters_per_replica PEFT adapters, multiplexed per replica."""
+model, many adapters, requests batched as they arrive (genpi.serve.backend / batching)."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,16 +13,18 @@ from genpi.serve.adapters import AdapterRef
 
 @serve.deployment
 class GenpiAdapters:
-    """One base model; adapters multiplexed per replica with LRU eviction (Ray Serve's)."""
+    """One base model; Ray Serve's multiplexer routes an adapter's requests to the replicas
+    that already read it; the backend's model thread batches every request it is given."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], max_batch: int | None = None):
         from genpi.serve.backend import AdapterBackend
 
         self.cfg = GenpiConfig.model_validate(config)
-        self.backend = AdapterBackend(self.cfg)
-        # One worker thread owns the model: requests queue here in arrival order and the
-        # event loop stays free to route, stream and load.
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genpi-model")
+        # max_batch=1: one request at a time (the bench's side-by-side arm).
+        self.backend = AdapterBackend(self.cfg, max_batch=max_batch)
+        # Adapter files are fetched and read here, never on the model thread, so a slow
+        # download does not stall the batch.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genpi-load")
 
         async def load(key: str):
             ref = AdapterRef.from_key(key)
@@ -33,8 +35,7 @@ class GenpiAdapters:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters_per_replica)(load)
 
     async def ready(self) -> dict[str, Any]:
-        attached = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.attached)
-        return {"base": self.backend.base_name, "adapters_loaded": attached}
+        return {"base": self.backend.base_name, "adapters_loaded": self.backend.attached()}
 
     async def _handle(self):
         key = serve.get_multiplexed_model_id()
@@ -43,7 +44,13 @@ class GenpiAdapters:
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         req = oa.ChatCompletionRequest.model_validate(payload)
         handle = await self._handle()
-        out = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.generate, req, handle)
+        row = self.backend.submit(req, handle)
+        try:
+            await asyncio.wrap_future(row.future)
+        except asyncio.CancelledError:
+            row.cancel()  # the client went away: its row leaves the batch at the next step
+            raise
+        out = self.backend.result(row)
         return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.completion_tokens, "tokens_saved": handle.tokens_saved if handle else 0}
 
@@ -53,19 +60,19 @@ class GenpiAdapters:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def emit(delta: str) -> None:
+        def emit(delta: str) -> None:  # on the model thread
             loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        def work():
-            try:
-                return self.backend.stream(req, handle, emit)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)  # after every delta (FIFO)
-
         yield {"event": "start", "tokens_saved": handle.tokens_saved if handle else 0}
-        fut = loop.run_in_executor(self.pool, work)
-        while (delta := await queue.get()) is not None:
-            yield {"delta": delta}
-        out = await fut
+        row = self.backend.submit(req, handle, emit)
+        # After every delta (call_soon_threadsafe keeps order): the end marker.
+        row.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        try:
+            while (delta := await queue.get()) is not None:
+                yield {"delta": delta}
+            row.future.result()  # raises the row's error, if any
+        finally:
+            row.cancel()  # a no-op once finished; drops the row when the client disconnected
+        out = self.backend.result(row)
         yield {"event": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                "completion_tokens": out.completion_tokens}

@@ -37,6 +37,9 @@ class _Route:
     def __init__(self) -> None:
         self.index: Tensor | None = None
         self.any_base = False
+        # Serving only: a per-sample factor replacing alpha/r (adapters of different alpha/r
+        # share one stack, and a `strength` scales one row); 0 for rows on the base.
+        self.scale: Tensor | None = None
 
 
 class PackedLoraLinear(nn.Module):
@@ -62,6 +65,8 @@ class PackedLoraLinear(nn.Module):
         b = self.lora_B.index_select(0, safe)  # [B, out, r]
         h = torch.bmm(self.dropout(x).reshape(n, -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))
         up = torch.bmm(h, b.transpose(1, 2))  # [B, T, out]
+        if self.route.scale is not None:
+            return y + (up * self.route.scale.to(up.dtype).view(n, 1, 1)).view_as(y).to(y.dtype)
         if self.route.any_base:  # samples routed to the base get no update
             up = up * (idx >= 0).to(up.dtype).view(n, 1, 1)
         return y + (up * self.scaling).view_as(y).to(y.dtype)
@@ -131,19 +136,23 @@ class PackedLora:
             m.lora_B[k].zero_()
 
     @contextlib.contextmanager
-    def route_to(self, index: Tensor | Sequence[int]) -> Iterator[None]:
-        """Run forwards inside this block with sample b using adapter ``index[b]`` (-1 = base)."""
+    def route_to(self, index: Tensor | Sequence[int], scale: Tensor | Sequence[float] | None = None) -> Iterator[None]:
+        """Run forwards inside this block with sample b using adapter ``index[b]`` (-1 = base).
+
+        ``scale[b]``, when given, multiplies sample b's update instead of alpha/r (serving:
+        per-adapter alpha/r times the request's strength; the caller gives 0 to base rows)."""
         dev = next(iter(self.modules.values())).lora_A.device
         idx = torch.as_tensor(index, dtype=torch.long, device=dev)
         if idx.numel() and int(idx.max()) >= self.n_adapters:
             raise ValueError(f"adapter index {int(idx.max())} out of range for a pack of {self.n_adapters}")
-        prev = (self.route.index, self.route.any_base)
+        prev = (self.route.index, self.route.any_base, self.route.scale)
         # One host sync per forward (not per layer) to skip the masking when no sample is on the base.
         self.route.index, self.route.any_base = idx, bool((idx < 0).any())
+        self.route.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32, device=dev)
         try:
             yield
         finally:
-            self.route.index, self.route.any_base = prev
+            self.route.index, self.route.any_base, self.route.scale = prev
 
     # ---- one adapter in and out ---------------------------------------------------------
     def adapter_state(self, k: int) -> dict[str, Tensor]:
