@@ -33,7 +33,6 @@ from genpi.store import Store
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Generated:
     text: str
