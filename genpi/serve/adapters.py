@@ -50,6 +50,19 @@ class AdapterRef:
         return cls(model_id, fp)
 
 
+def adapter_id(model: str, base_name: str) -> str | None:
+    """The adapter id a request's `model` names, or None for the bare base.
+
+    Ray Serve LLM (the GPU path) names an adapter `<base>:<id>`; the CPU app accepts that
+    form as well as the plain `<id>`, so one client configuration works on both backends.
+    The rest is checked by `resolve` (':' is not allowed in an id, so `other:<id>` is a 400).
+    """
+    if model == base_name:
+        return None
+    prefix = f"{base_name}:"
+    return model[len(prefix):] if model.startswith(prefix) else model
+
+
 class AdapterRegistry:
     """Model id -> published adapter, re-reading the store's registry at most every `refresh_s`.
 

@@ -8,6 +8,12 @@ The ingress sends each request with `multiplexed_model_id = "<id>@<fingerprint>"
 Serve routes it to a replica that already holds that adapter when there is one, and a
 republished adapter (new fingerprint) is a new key that no replica has cached.
 
+The ingress refuses what a replica must never see (bad fields, a body over MAX_BODY_BYTES,
+a prompt that cannot fit the model's context) and resolves the reply length once: the
+payload a replica receives has `max_tokens` set (the most tokens to generate) and `stop`
+as a list of strings or null. Errors are answered in OpenAI's shape; a replica that dies
+mid-request is a 503 (retryable), and no error body carries a traceback, path or actor id.
+
 Build it with `build_app({"config": <GenpiConfig as a dict>})` (the import path in the
 config `genpi serve --print-config` writes).
 """
@@ -15,7 +21,9 @@ config `genpi serve --print-config` writes).
 # annotation on the routes (as a string it became a required query parameter under Serve).
 import asyncio
 import logging
+import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -28,12 +36,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genpi.config import GenpiConfig
 from genpi.serve import openai as oa
-from genpi.serve.adapters import AdapterRef, AdapterRegistry
+from genpi.serve.adapters import AdapterRef, AdapterRegistry, adapter_id
 from genpi.serve.replica import GenpiAdapters
 from genpi.serve.config import INGRESS, MODEL, app_args_config, base_model_name, deployment_options
 from genpi.serve.openai import ApiError
 
 log = logging.getLogger("genpi.serve")
+
+# The largest request body the ingress reads (413 beyond). A full 8k-token context is
+# ~40 KB of text; 1 MiB leaves room for JSON escaping and long-context models while
+# bounding what one request can make the ingress buffer, parse and tokenize (a few ms).
+MAX_BODY_BYTES = 1 << 20
 
 api = FastAPI(title="genpi", description="OpenAI-compatible chat completions from internalized prompts")
 
@@ -49,8 +62,58 @@ def _api_error(e: BaseException) -> ApiError | None:
     return None
 
 
+def _replica_gone(e: BaseException) -> bool:
+    """A model replica (or its node) died or is unavailable: retryable, not a client error."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    gone = (RayActorError, WorkerCrashedError, NodeDiedError, BackPressureError, DeploymentUnavailableError,
+            ReplicaUnavailableError)
+    for _ in range(5):  # Ray may wrap the cause (RayTaskError.cause)
+        if e is None:
+            return False
+        if isinstance(e, gone):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+def _to_api_error(e: BaseException, model: str) -> ApiError:
+    """Every failure as an OpenAI-shaped error. Only ApiErrors (written for clients) are
+    shown as they are; anything else is logged here with a reference and answered without
+    its text, which may hold a traceback, file paths or actor ids."""
+    err = _api_error(e)
+    if err is not None:
+        return err
+    if _replica_gone(e):
+        log.warning("request for model %r: the model replica is gone (%s); answered 503", model[:80], type(e).__name__)
+        return ApiError(503, "the model replica serving this request stopped or is unavailable; retry the request",
+                        type="server_error", code="replica_unavailable")
+    ref = uuid.uuid4().hex[:12]
+    log.error("request for model %r failed (reference %s)", model[:80], ref, exc_info=e)
+    return ApiError(500, f"internal server error (reference {ref}); the details are in the server log",
+                    type="server_error", code="internal_error")
+
+
 def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    # 503 is retryable: say when (the OpenAI client retries 5xx on its own).
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, or a 413 as soon as it is known to exceed `limit` (declared or streamed)."""
+    too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                       param=None, code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for part in request.stream():  # a chunked body has no Content-Length
+        body += part
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -66,6 +129,12 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {"loc": ("request",), "msg": "invalid"}
     field = ".".join(str(p) for p in first["loc"])
     return _error_response(ApiError(400, f"field '{field}': {first['msg']}", param=field, code="invalid_field"))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    # Anything a route did not answer itself: OpenAI's shape, no traceback in the body.
+    return _error_response(_to_api_error(exc, "(unknown)"))
 
 
 class _Stats:
@@ -97,9 +166,21 @@ class _Stats:
 @serve.ingress(api)
 class GenpiIngress:
     def __init__(self, adapters, config: dict[str, Any]):
+        from transformers import AutoConfig
+
+        from genpi.models import context_limit, load_tokenizer, resolve_model
         from genpi.store import Store
 
         self.cfg = GenpiConfig.model_validate(config)
+        # The ingress counts prompt tokens itself (same tokenizer and chat template as the
+        # replicas), so a prompt that cannot fit the context is a 400 before it reaches, and
+        # queues on, a model replica. The tokenizer is shared by the request threads: its
+        # Rust object must not be used from two threads at once, hence the lock.
+        self.tok = load_tokenizer(self.cfg.model)
+        resolved = resolve_model(self.cfg.model)
+        self.context = context_limit(AutoConfig.from_pretrained(resolved.path, revision=self.cfg.model.revision),
+                                     self.cfg.model)
+        self.tok_lock = threading.Lock()
         self.adapters = adapters
         self.registry = AdapterRegistry(Store(self.cfg.store), self.cfg.serve.registry_refresh_s)
         self.base_name = base_model_name(self.cfg)
@@ -145,7 +226,8 @@ class GenpiIngress:
         try:
             info = await asyncio.wait_for(self.adapters.ready.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
-            return _error_response(ApiError(503, f"model replicas are not ready: {type(e).__name__}: {e}",
+            # Only the exception's class: its text may name actors, nodes and paths.
+            return _error_response(ApiError(503, f"model replicas are not ready ({type(e).__name__})",
                                             type="server_error", code="not_ready"))
         return {"status": "ready", **info}
 
@@ -167,13 +249,20 @@ class GenpiIngress:
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str):
-        if model_id == self.base_name:
+        name = adapter_id(model_id, self.base_name)
+        if name is None:
             return oa.model_card(self.base_name, 0, "genpi", root=self.base_name, genpi={"base": True})
         try:
-            ref = await asyncio.to_thread(self.registry.resolve, model_id)
+            ref = await asyncio.to_thread(self.registry.resolve, name)
         except ApiError as e:
             return _error_response(e)
-        return self._card(ref.id, self.registry.entries()[ref.id])
+        return self._card(model_id, self.registry.entries()[ref.id])
+
+    def _count_prompt(self, messages: list[dict[str, str]]) -> int:
+        from genpi.engines.base import render_chat
+
+        with self.tok_lock:
+            return len(render_chat(self.tok, messages))
 
     # ---- chat ---------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
@@ -181,27 +270,37 @@ class GenpiIngress:
         t0 = time.perf_counter()
         model = "(rejected)"
         try:
-            req = oa.parse_chat_request(await request.body())
+            req = oa.parse_chat_request(await _read_body(request))
             model = req.model
-            req.new_tokens(self.cfg.serve.max_new_tokens)  # a 400 here, not inside a replica
-            if req.model == self.base_name:  # the base wins over an adapter of the same name
+            new = req.new_tokens(self.cfg.serve.max_new_tokens)  # a 400 here, not inside a replica
+            explicit = req.max_completion_tokens is not None or req.max_tokens is not None
+            prompt = await asyncio.to_thread(self._count_prompt, req.chat_messages())
+            new = oa.check_context(prompt, new, self.context, explicit)
+            name = adapter_id(req.model, self.base_name)  # the base wins over an adapter of the same name
+            if name is None:
                 ref, handle = None, self.adapters
             else:
-                ref = await asyncio.to_thread(self.registry.resolve, req.model)
+                ref = await asyncio.to_thread(self.registry.resolve, name)
                 handle = self.adapters.options(multiplexed_model_id=ref.key)
-            payload = req.model_dump(mode="json")
+            # The replica generates exactly `new` tokens at most (resolved here once) and
+            # receives `stop` as a list; see the module docstring for what it must honour.
+            payload = req.model_dump(mode="json") | {"max_tokens": new, "max_completion_tokens": None}
             if req.stream:
                 return await self._stream(req, ref, handle, payload, t0)
-            out = await handle.generate.remote(payload)
+            call = handle.generate.remote(payload)
+            try:
+                out = await call
+            except asyncio.CancelledError:  # the client went away: stop the replica's work too
+                call.cancel()
+                raise
         except Exception as e:  # noqa: BLE001 - every failure is answered in OpenAI's shape
-            err = _api_error(e) or ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
-            if err.status >= 500:
-                log.exception("request for model %r failed", model[:80])
+            err = _to_api_error(e, model)
             self._record(model, err.status, t0)
             return _error_response(err)
         genpi = self._genpi_meta(ref, out, req)
         self._record(req.model, 200, t0, out["prompt_tokens"], genpi.get("prompt_tokens_saved", 0))
-        return oa.chat_completion(oa.completion_id(), req.model, out["text"], out["finish_reason"],
+        text, stopped = oa.StopText.cut(out["text"], req.stop)
+        return oa.chat_completion(oa.completion_id(), req.model, text, "stop" if stopped else out["finish_reason"],
                                   out["prompt_tokens"], out["completion_tokens"], genpi)
 
     @staticmethod
@@ -219,29 +318,42 @@ class GenpiIngress:
         cid, created = oa.completion_id(), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+        def piece(delta, finish=None, **kw):
+            return oa.sse(oa.chunk(cid, req.model, created, delta, finish, include_usage=include_usage, **kw))
+
         async def events():
-            status = 200
+            status, done = 200, False
             end: dict[str, Any] = {}
+            stop = oa.StopText(req.stop)
             try:
-                yield oa.sse(oa.chunk(cid, req.model, created, {"role": "assistant", "content": ""}))
+                yield piece({"role": "assistant", "content": ""})
+                # Text after a stop sequence is dropped; the stream is still read to its end
+                # for the usage figures (the replica stops early once it honours `stop`).
                 async for item in gen:
                     if "delta" in item:
-                        yield oa.sse(oa.chunk(cid, req.model, created, {"content": item["delta"]}))
+                        if text := stop.feed(item["delta"]):
+                            yield piece({"content": text})
                     else:
                         end = item
+                if text := stop.flush():
+                    yield piece({"content": text})
                 genpi = self._genpi_meta(ref, {"tokens_saved": first["tokens_saved"]}, req)
-                yield oa.sse(oa.chunk(cid, req.model, created, {}, end["finish_reason"], genpi=genpi))
+                yield piece({}, "stop" if stop.stopped else end["finish_reason"], genpi=genpi)
                 if include_usage:
-                    u = oa.usage(end["prompt_tokens"], end["completion_tokens"])
-                    yield oa.sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                  "model": req.model, "choices": [], "usage": u})
+                    yield piece(None, usage_=oa.usage(end["prompt_tokens"], end["completion_tokens"]))
                 yield oa.sse("[DONE]")
+                done = True
             except Exception as e:  # noqa: BLE001 - the status line is sent: report in-stream
-                status = 500
-                log.exception("stream for model %r failed", req.model)
-                err = _api_error(e) or ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+                err = _to_api_error(e, req.model)
+                status = err.status
+                # OpenAI's in-stream error event (the client raises it as an APIError), then
+                # [DONE], so a client reading to the end does not wait for more.
                 yield oa.sse(err.body())
+                yield oa.sse("[DONE]")
+                done = True
             finally:
+                if not done:  # the client disconnected: cancel the replica's stream
+                    gen.cancel()
                 saved = self._genpi_meta(ref, {"tokens_saved": first["tokens_saved"]}, req).get("prompt_tokens_saved", 0)
                 self._record(req.model, status, t0, end.get("prompt_tokens", 0), saved if status == 200 else 0)
 
