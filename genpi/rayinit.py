@@ -29,3 +29,24 @@ def actor_cpus(value: float | None) -> float:
     if value is not None:
         return value
     return max(1.0, node_cpus())
+
+
+def use_assigned_cpus() -> int:
+    """Inside a Ray actor or task: run torch with as many threads as CPUs Ray assigned it
+    (capped by the cores this process may use), and return that number.
+
+    Ray sets OMP_NUM_THREADS from the assigned CPUs only when the environment has none:
+    an image or pod that sets OMP_NUM_THREADS=1 would otherwise leave a 4-CPU engine actor
+    on one thread. Ray's logical CPUs can exceed the cores (a test cluster, an overcommitted
+    node), and more threads than cores only makes each step wait for the others."""
+    import math
+    import os
+
+    import ray
+    import torch
+
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(math.floor(assigned), cores))
+    torch.set_num_threads(threads)
+    return threads

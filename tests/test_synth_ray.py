@@ -43,13 +43,17 @@ def synthesized(ray_local, tmp_path_factory):
     broken = cfg.with_overrides({"synth.min_input_chars": 299, "synth.max_input_chars": 300})
     jobs.append(SynthJob(PromptEntry(id="broken", prompt="Be nice.", seed_inputs=SEEDS), broken,
                          store.prompt_dir("broken", "fp")))
-    results = synthesize_many(jobs, store, RayRunner(cfg, None).synth_runner(), progress=False)
+    runner = RayRunner(cfg, None)
+    try:
+        results = synthesize_many(jobs, store, runner.synth_runner(), progress=False)
+    finally:
+        runner.close()
     print(format_summaries(results))
-    return cfg, store, jobs, results
+    return cfg, store, jobs, results, runner.engine_stats
 
 
 def test_every_prompt_synthesized_and_broken_one_failed_alone(synthesized):
-    cfg, store, jobs, results = synthesized
+    cfg, store, jobs, results, _ = synthesized
     assert set(results) == {*PROMPTS, "broken"}
     assert "no usable training inputs" in results["broken"]["error"]
     assert store.exists(f"{store.prompt_dir('broken', 'fp')}/error.json")
@@ -68,7 +72,7 @@ def test_every_prompt_synthesized_and_broken_one_failed_alone(synthesized):
 
 
 def test_conversations_alternate_and_honour_the_end_marker(synthesized):
-    cfg, store, _, _ = synthesized
+    cfg, store, _, _, _ = synthesized
     n_multi = 0
     for pid in PROMPTS:
         for c in load_synth(store, store.prompt_dir(pid, "fp"))["conversations"]:
@@ -102,7 +106,7 @@ def test_agent_turns_come_from_the_prompted_model_env_turns_from_the_swapped_vie
     from genpi.models import load_model, load_tokenizer
     from genpi.synth.roleplay import Conversation
 
-    cfg, store, jobs, _ = synthesized
+    cfg, store, jobs, _, _ = synthesized
     model, _, _ = load_model(cfg.model)
     tok = load_tokenizer(cfg.model)
     checked_agent, env_gain = 0, []
@@ -133,12 +137,26 @@ def test_agent_turns_come_from_the_prompted_model_env_turns_from_the_swapped_vie
     assert sum(g > 0 for g in env_gain) >= 0.7 * len(env_gain), env_gain
 
 
+def test_every_pass_ran_on_the_one_engine_of_the_one_actor(synthesized):
+    """cluster.synth_actors=1: the embedded model was loaded once for the 4 passes (a Ray Data
+    pool per pass loaded it 4 times)."""
+    *_, stats = synthesized
+    (actor,) = stats
+    assert actor["engines_built"] == 1
+    assert actor["calls"].keys() == {"inputs", "generate", "roleplay"}, actor["calls"]
+
+
 def test_second_run_reuses_everything(synthesized, ray_local):
     from genpi.pipeline.ray_runner import RayRunner
 
-    cfg, store, jobs, _ = synthesized
-    again = synthesize_many(jobs[:3], store, RayRunner(cfg, None).synth_runner(), progress=False)
+    cfg, store, jobs, _, _ = synthesized
+    runner = RayRunner(cfg, None)
+    try:
+        again = synthesize_many(jobs[:3], store, runner.synth_runner(), progress=False)
+    finally:
+        runner.close()
     assert all(r.get("skipped") for r in again.values())
+    assert runner.engine_stats == [], "an engine was built for a synthesis with nothing to do"
 
 
 def test_missing_gpus_fail_fast_with_what_is_missing(ray_local, tmp_path):

@@ -36,6 +36,9 @@ class LocalRunner:
             self._engine = HFEngine(self.model, self.tok, self.cfg.engine.batch_size)
         return EngineRunner(self._engine)
 
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process and goes with it."""
+
     def train(self, cfg: GenpiConfig, store: Store, jobs, run_name: str):
         from genpi.train.jobs import train_local
 

@@ -1,156 +1,77 @@
-"""The Ray runner (`jobs/internalize_many.py`): engine-actor pools on Ray Data for synthesis
-and evaluation, Ray Train (+ DeepSpeed) for packed training.
+"""The Ray runner (`jobs/internalize_many.py`): pools of long-lived engine actors for synthesis
+and evaluation (`genpi.pipeline.engine_actors`), Ray Train (+ DeepSpeed) for packed training.
 
-Synthesis and evaluation share one helper, `map_on_engine_actors`: a `map_batches` over an
-`ActorPoolStrategy` of actors that each load the base model once. Rows travel pickled in one
-binary column, so nested replies, top-k rows and conversations never depend on Arrow
-schema inference. Ray Data would wait forever for resources the cluster does not have: the
-runner checks first and fails with what is missing, naming the stage that needs it.
+A pool lives for one stage: synthesis's 4 passes share its actors (one engine each), and with
+the transformers engine evaluation would use them too, but training runs in between and needs
+those CPUs/GPUs (on one machine every one of them; on an autoscaling cluster, holding GPU
+nodes idle through training costs more than building an engine again), so the pool is
+closed before training starts and evaluation creates its own. Closing a pool also withdraws
+the stage's resource demand from the autoscaler. Rows travel to the actors pickled, so nested
+replies, top-k rows and conversations never depend on Arrow schema inference.
 """
 from __future__ import annotations
 
 import logging
-import math
-import pickle
-import time
-import traceback
-from typing import Any, Iterable, Iterator
-
-import numpy as np
+from typing import Iterable, Iterator
 
 from genpi.config import GenpiConfig
 from genpi.errors import ResourceError
+from genpi.pipeline.engine_actors import EnginePool
 from genpi.pipeline.records import PromptPlan
-from genpi.rayinit import ensure_ray
+from genpi.rayinit import actor_cpus, ensure_ray
 from genpi.store import Store, worker_env
 
 log = logging.getLogger(__name__)
 
 
-def check_resources(cfg: GenpiConfig, stage: str, actors: int) -> int:
-    """How many engine actors for `stage` the cluster can hold (at least one), or ResourceError."""
+def check_resources(cfg: GenpiConfig, stage: str) -> None:
+    """Fail at once (ResourceError naming `stage` and what is missing) when no engine actor can
+    ever run: vLLM without GPUs, or, with cluster.resource_wait_s=0 ("check once"), no alive
+    node large enough for one actor. With a wait, the pool's pending actors ask the
+    autoscaler for nodes and wait for them instead."""
     import ray
 
     c = cfg.cluster
+    cpus = actor_cpus(c.cpus_per_engine_actor)
     if cfg.engine.kind == "vllm" and c.gpus_per_engine_actor <= 0:
         raise ResourceError(f"{stage}: engine.kind is 'vllm' but cluster.gpus_per_engine_actor is 0: vLLM needs "
                             "a GPU per engine actor (or use engine.kind=hf on CPU)")
-    deadline = time.time() + c.resource_wait_s
-    while True:
-        # One actor's CPUs and GPUs must sit on one node.
-        fits = []
-        for node in ray.nodes():
-            if not node.get("Alive"):
-                continue
-            res = node.get("Resources", {})
-            per_cpu = math.floor(res.get("CPU", 0) / c.cpus_per_engine_actor) if c.cpus_per_engine_actor else actors
-            per_gpu = math.floor(res.get("GPU", 0) / c.gpus_per_engine_actor) if c.gpus_per_engine_actor else actors
-            fits.append(min(per_cpu, per_gpu))
-        possible = sum(fits)
-        if possible >= 1 or time.time() >= deadline:
-            break
-        time.sleep(min(5.0, max(0.1, deadline - time.time())))
-    if possible < 1:
-        total = ray.cluster_resources()
-        raise ResourceError(
-            f"{stage} needs an engine actor with {c.cpus_per_engine_actor:g} CPU and {c.gpus_per_engine_actor:g} GPU "
-            f"on one node (cluster.cpus_per_engine_actor, cluster.gpus_per_engine_actor), but the Ray cluster has "
-            f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU in all and no node that fits one"
-            + (f" (waited {c.resource_wait_s:g} s; cluster.resource_wait_s)" if c.resource_wait_s else
-               "; on an autoscaling cluster set cluster.resource_wait_s to wait for new nodes")
-        )
-    if possible < actors:
-        log.warning("%s: the cluster holds %d of the %d engine actors asked for (cluster.synth_actors); using %d",
-                    stage, possible, actors, possible)
-    return min(actors, possible)
+    if c.resource_wait_s:
+        return
+    # One actor's CPUs and GPUs must sit on one node.
+    for node in ray.nodes():
+        res = node.get("Resources", {})
+        if node.get("Alive") and res.get("CPU", 0) >= cpus and res.get("GPU", 0) >= c.gpus_per_engine_actor:
+            return
+    total = ray.cluster_resources()
+    raise ResourceError(
+        f"{stage} needs an engine actor with {cpus:g} CPU and {c.gpus_per_engine_actor:g} GPU "
+        f"on one node (cluster.cpus_per_engine_actor, cluster.gpus_per_engine_actor), but the Ray cluster has "
+        f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU in all and no node that fits one; "
+        "on an autoscaling cluster set cluster.resource_wait_s to wait for new nodes")
 
 
-def map_on_engine_actors(cfg: GenpiConfig, actor_cls, ctor_kwargs: dict, rows: list[dict], batch_size: int,
-                         actors: int) -> Iterator[dict]:
-    """Run `actor_cls(**ctor_kwargs)(batch)` over `rows` on a pool of engine actors; yield the
-    output rows as they come. Each row must hold "prompt_id"; rows travel pickled."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    # One progress display per stage is the caller's (Ray Data's own bars would print one per
-    # stage and per operator).
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    c = cfg.cluster
-    n_batches = math.ceil(len(rows) / batch_size)
-    items = [{"prompt_id": r["prompt_id"], "payload": pickle.dumps(r)} for r in rows]
-    ds = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
-        actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=max(1, min(actors, n_batches))),
-        num_cpus=c.cpus_per_engine_actor, num_gpus=c.gpus_per_engine_actor,
-        runtime_env={"env_vars": worker_env()})
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for payload in batch["payload"]:
-            yield pickle.loads(payload)
-
-
-def _pack(outs: list[dict]) -> dict[str, np.ndarray]:
-    return {"prompt_id": np.array([o["prompt_id"] for o in outs], dtype=object),
-            "payload": np.array([pickle.dumps(o) for o in outs], dtype=object)}
-
-
-class SynthActor:
-    """One engine per actor, loaded once; runs one synthesis stage on batches of rows."""
-
-    def __init__(self, cfg_json: dict, stage: str):
-        from genpi.engines import make_engine
-
-        self.engine = make_engine(GenpiConfig.model_validate(cfg_json))
-        self.stage = stage
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from genpi.synth.stages import run_isolated
-
-        return _pack(run_isolated(self.stage, self.engine, [pickle.loads(b) for b in batch["payload"]]))
-
-
-class EvalActor:
-    """Holds the base model once; evaluates one prompt's stored adapter per row (writes eval.json)."""
-
-    def __init__(self, cfg_json: dict, store_uri: str):
-        from genpi.models import load_model
-
-        cfg = GenpiConfig.model_validate(cfg_json)
-        self.model, self.tok, _ = load_model(cfg.model)
-        self.store = Store(store_uri)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from genpi.manifest import PromptEntry
-        from genpi.pipeline.stages import evaluate_stored
-
-        out = []
-        for payload in batch["payload"]:
-            row = pickle.loads(payload)
-            t0 = time.time()
-            p = PromptPlan(PromptEntry.model_validate(row["entry"]), GenpiConfig.model_validate(row["cfg"]),
-                           row["fingerprint"], "new")
-            res: dict[str, Any] = {"prompt_id": p.id}
-            try:
-                res["eval"] = evaluate_stored(self.model, self.tok, self.store, p).model_dump(mode="json")
-            except Exception as e:  # this prompt fails; the others are evaluated
-                res["error"] = f"{type(e).__name__}: {e}"
-                log.error("%s: eval failed\n%s", p.id, traceback.format_exc())
-            res["seconds"] = time.time() - t0
-            out.append(res)
-        return _pack(out)
+def _failed_rows(stage: str, rows: list[dict], e: BaseException, **extra) -> list[dict]:
+    """One error row per prompt of a batch whose actor died (the other batches stand)."""
+    pids = dict.fromkeys(r["prompt_id"] for r in rows)
+    return [{"prompt_id": pid, "error": f"{stage}: engine actor failed: {type(e).__name__}: {e}", **extra}
+            for pid in pids]
 
 
 class SynthOnActors:
-    """A `genpi.synth.pipeline.Runner`: each synthesis stage on the engine-actor pool."""
+    """A `genpi.synth.pipeline.Runner`: each synthesis pass on the same engine-actor pool, in
+    the batches the in-process runner would use (so both produce the same rows)."""
 
-    def __init__(self, cfg: GenpiConfig, actors: int):
-        self.cfg, self.actors = cfg, actors
+    def __init__(self, cfg: GenpiConfig, pool: EnginePool):
+        self.cfg, self.pool = cfg, pool
 
     def __call__(self, stage: str, rows: list[dict]) -> Iterable[dict]:
         from genpi.synth.stages import batch_rows
 
-        yield from map_on_engine_actors(self.cfg, SynthActor, {"cfg_json": self.cfg.model_dump(mode="json"),
-                                                               "stage": stage},
-                                        rows, batch_rows(stage, self.cfg.engine.batch_size), self.actors)
+        n = batch_rows(stage, self.cfg.engine.batch_size)
+        calls = [(stage, rows[i : i + n]) for i in range(0, len(rows), n)]
+        for out in self.pool.map("synth", calls, lambda args, e: _failed_rows(stage, args[1], e, tokens=0)):
+            yield from out
 
 
 class RayRunner:
@@ -161,28 +82,59 @@ class RayRunner:
         # Convert the embedded model once here, not in every actor at the same time.
         resolve_model(cfg.model)
         self.cfg, self.facts = cfg, facts
+        self._pool: EnginePool | None = None
+        self.engine_stats: list[dict] = []  # every closed pool's actors: engines built, threads, calls
+
+    def _engine_pool(self, stage: str, kind: str, actors: int | None = None) -> EnginePool:
+        """The open pool if it holds `kind` engines, else a new one (the old one closed first)."""
+        if self._pool is not None and self._pool.kind == kind:
+            return self._pool
+        self.release()
+        check_resources(self.cfg, stage)
+        self._pool = EnginePool(self.cfg, stage, kind, actors=actors, runtime_env={"env_vars": worker_env()})
+        return self._pool
+
+    def release(self) -> None:
+        """Close the engine-actor pool: its actors end, their CPUs/GPUs and demand are released."""
+        if self._pool is not None:
+            self._pool.close()
+            self.engine_stats += self._pool.stats
+            self._pool = None
+
+    def close(self) -> None:
+        self.release()
 
     def synth_runner(self) -> SynthOnActors:
-        return SynthOnActors(self.cfg, check_resources(self.cfg, "synthesis", self.cfg.cluster.synth_actors))
+        return SynthOnActors(self.cfg, self._engine_pool("synthesis", self.cfg.engine.kind))
 
     def train(self, cfg: GenpiConfig, store: Store, jobs, run_name: str):
         from genpi.train.trainer import train_many
 
+        # The training workers need the CPUs/GPUs the engine actors hold.
+        self.release()
         return train_many(cfg, store.uri, jobs, run_name=run_name)
 
     def evaluate(self, plans: list[PromptPlan], store: Store) -> Iterator[tuple[str, object, str | None, float]]:
+        """(prompt id, EvalResult or None, error or None, seconds) per prompt, as each finishes.
+        Evaluation needs the transformers model: a vLLM run evaluates on transformers actors."""
         from tqdm.auto import tqdm
 
         from genpi.eval.result import EvalResult
 
         rows = [{"prompt_id": p.id, "entry": p.entry.model_dump(mode="json"), "cfg": p.cfg.model_dump(mode="json"),
                  "fingerprint": p.fingerprint} for p in plans]
-        actors = check_resources(self.cfg, "evaluation", max(1, min(self.cfg.cluster.synth_actors, len(rows))))
+        check_resources(self.cfg, "evaluation")
         if not rows:
             return
-        with tqdm(total=len(rows), desc="eval", unit="prompt") as bar:
-            for r in map_on_engine_actors(self.cfg, EvalActor, {"cfg_json": self.cfg.model_dump(mode="json"),
-                                                                "store_uri": store.uri}, rows, 1, actors):
-                bar.update(1)
-                ev = EvalResult.model_validate(r["eval"]) if "eval" in r else None
-                yield r["prompt_id"], ev, r.get("error"), r["seconds"]
+        pool = self._engine_pool("evaluation", "hf", min(self.cfg.cluster.synth_actors, len(rows)))
+        try:
+            with tqdm(total=len(rows), desc="eval", unit="prompt") as bar:
+                calls = [([r], store.uri) for r in rows]
+                for out in pool.map("evaluate", calls, lambda args, e: _failed_rows("eval", args[0], e, seconds=0.0),
+                                    ordered=False):
+                    for r in out:
+                        bar.update(1)
+                        ev = EvalResult.model_validate(r["eval"]) if "eval" in r else None
+                        yield r["prompt_id"], ev, r.get("error"), r["seconds"]
+        finally:
+            self.release()  # the last stage that needs engine actors

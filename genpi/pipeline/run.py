@@ -169,9 +169,13 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
             stages.skip(store, p, run.out[p.id])
     if todo:
         runner = make_runner(runner_kind, cfg, facts)
-        synthesize(run, runner, store)
-        if run.live():
-            train(run, runner, store, cfg)
-        if run.live():
-            evaluate_and_publish(run, runner, store)
+        try:
+            synthesize(run, runner, store)
+            if run.live():
+                train(run, runner, store, cfg)
+            if run.live():
+                evaluate_and_publish(run, runner, store)
+        finally:
+            # The Ray runner's engine actors end here (and their resource demand with them).
+            runner.close()
     return finish_report(store, run, manifest, time.time() - t0, started_at=t0)
