@@ -235,7 +235,8 @@ def test_a_stage_the_cluster_cannot_run_fails_its_prompts_with_a_report(ray_loca
     """Engine actors asking for a GPU on a CPU-only Ray: synthesis fails every prompt with what
     is missing (named in the report), exit status 1, nothing published, no traceback."""
     store = tmp_path / "store"
-    cfg = load_config(None, [*tiny_overrides, f"store={store}", "cluster.gpus_per_engine_actor=1"])
+    cfg = load_config(None, [*tiny_overrides, f"store={store}", "cluster.cpus_per_engine_actor=1",
+                             "cluster.gpus_per_engine_actor=1"])
     assert internalize(str(write_manifest(PROMPT)), cfg, "ray") == 1
     out = capsys.readouterr().out
     assert "FAILED pirate (synth): ResourceError: synthesis needs an engine actor with 1 CPU and 1 GPU" in out

@@ -15,7 +15,8 @@ from genpi.config import TrainConfig, load_config
 from genpi.store import Store
 from genpi.train.multilora import PackedLora
 from genpi.train.packed import PackedAdamW, PackMember, member_batches, pack_step, train_pack
-from genpi.train.trainer import pack_engine, split_cpus, use_assigned_cpus
+from genpi.rayinit import use_assigned_cpus
+from genpi.train.trainer import pack_engine, split_cpus
 
 from fake_synth import train_jobs
 from test_packed_train import PAD, _training_set

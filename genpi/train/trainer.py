@@ -90,19 +90,6 @@ def split_cpus(node_cpus: list[float], workers: int) -> float:
     return 1.0
 
 
-def use_assigned_cpus() -> int:
-    """Run torch with as many threads as the CPUs Ray assigned to this worker. Ray exports
-    OMP_NUM_THREADS from num_cpus, but not when the environment already sets it (a
-    container's OMP_NUM_THREADS=1): then a many-CPU worker would train on one thread."""
-    import ray
-    import torch
-
-    n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-    if n >= 1 and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
 def ensure_torch_extensions_dir() -> str:
     """DeepSpeed compiles a small CPU extension once: keep it in genpi's cache, not ~/.cache."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
@@ -128,6 +115,8 @@ def _worker(config: dict) -> None:
     store = Store(config["store_uri"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    from genpi.rayinit import use_assigned_cpus
+
     threads = use_assigned_cpus()
     model, tok, resolved = load_model(cfg.model)  # once per worker, shared by every pack
     device = next(model.parameters()).device
