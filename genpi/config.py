@@ -185,6 +185,11 @@ class ClusterConfig(_Strict):
     # How long a stage waits for the resources it asks for to appear (an autoscaling
     # cluster adds GPU nodes on demand) before failing with what is missing; 0 = check once.
     resource_wait_s: float = Field(default=0, ge=0)
+    # Prompts per wave: each wave is synthesized, trained, evaluated and published before the
+    # next starts, so the first adapters are served early and the driver holds one wave's
+    # synthesis rows (not the whole manifest's). Large enough to fill the engine actors and
+    # training packs (cluster.synth_actors, train.pack_size); an execution setting, never content.
+    wave_prompts: int = Field(default=32, ge=1)
 
 
 class ServeConfig(_Strict):

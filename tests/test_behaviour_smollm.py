@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from genpi.config import load_config
+from genpi.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.model

@@ -3,10 +3,13 @@
 `internalize(manifest, cfg, runner_kind)` is what both entry points call: `genpi internalize`
 with the in-process runner, `jobs/internalize_many.py` with the Ray runner. A runner
 decides only where work runs (`genpi.pipeline.local`, `genpi.pipeline.ray_runner`); what
-is read and written per prompt is the same (`genpi.pipeline.stages`). Each stage runs over
-every prompt still in the run and writes its outputs to the store before the next starts,
-so a run killed at any moment and started again redoes only unfinished stages. A prompt
-that fails is recorded with its stage and error; the others go on.
+is read and written per prompt is the same (`genpi.pipeline.stages`). Prompts go through
+the stages in waves of `cluster.wave_prompts`: the first adapters are published while later
+prompts have not started synthesis, a failure late in the job holds back no earlier wave,
+and the driver holds one wave's synthesis rows at a time. Each stage writes its outputs to
+the store before the next starts, so a run killed at any moment and started again redoes
+only unfinished stages. A prompt that fails is recorded with its stage and error; the
+others go on.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ class Run:
         self.out = {p.id: PromptOutcome(p.id, p.fingerprint, prompt_tokens=p.prompt_tokens) for p in plans}
         self.stage_seconds: dict[str, float] = {}
 
-    def live(self) -> list[PromptPlan]:
-        return [p for p in self.plans if self.out[p.id].status == "pending"]
+    def live(self, wave: list[PromptPlan] | None = None) -> list[PromptPlan]:
+        """Prompts still in the run (of `wave` when given)."""
+        return [p for p in (self.plans if wave is None else wave) if self.out[p.id].status == "pending"]
 
     def fail(self, pid: str, stage: str, error: str) -> None:
         o = self.out[pid]
@@ -45,30 +49,30 @@ class Run:
     def outcomes(self) -> list[PromptOutcome]:
         return [self.out[p.id] for p in self.plans]
 
-    def fail_all(self, stage: str, error: str) -> None:
+    def fail_all(self, stage: str, error: str, wave: list[PromptPlan]) -> None:
         """A stage that cannot run at all (e.g. the cluster lacks what it needs) fails every
-        prompt still in the run, so the report says why and the exit status is 1."""
-        for p in self.live():
+        prompt of the wave still in the run, so the report says why and the exit status is 1."""
+        for p in self.live(wave):
             self.fail(p.id, stage, error)
 
-    def stage_done(self, stage: str, t0: float) -> None:
-        self.stage_seconds[stage] = round(time.time() - t0, 2)
-        ready = sum(o.status == "pending" for o in self.out.values())
-        failed = sum(o.failed_stage == stage for o in self.out.values())
-        print(f"[{stage}] {ready} prompts ready for the next stage, {failed} failed, "
-              f"{self.stage_seconds[stage]:.0f} s", flush=True)
+    def stage_done(self, stage: str, t0: float, wave: list[PromptPlan]) -> None:
+        seconds = time.time() - t0
+        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 2)
+        ready = len(self.live(wave))
+        failed = sum(self.out[p.id].failed_stage == stage for p in wave)
+        print(f"[{stage}] {ready} prompts ready for the next stage, {failed} failed, {seconds:.0f} s", flush=True)
 
 
-def synthesize(run: Run, runner, store: Store) -> None:
+def synthesize(run: Run, runner, store: Store, wave: list[PromptPlan]) -> None:
     from genpi.synth.pipeline import SynthJob, format_summaries, synthesize_many
 
-    live = run.live()
+    live = run.live(wave)
     t0 = time.time()
     try:
         synth_runner = runner.synth_runner()
     except ResourceError as e:
-        run.fail_all("synth", f"ResourceError: {e}")
-        run.stage_done("synth", t0)
+        run.fail_all("synth", f"ResourceError: {e}", wave)
+        run.stage_done("synth", t0, wave)
         return
     results = synthesize_many([SynthJob(p.entry, p.cfg, store.prompt_dir(p.id, p.fingerprint)) for p in live],
                               store, synth_runner)
@@ -77,32 +81,32 @@ def synthesize(run: Run, runner, store: Store) -> None:
         run.out[pid].seconds["synth"] = round((time.time() - t0) / max(1, len(live)), 2)
         if "error" in r:
             run.fail(pid, "synth", r["error"])
-    run.stage_done("synth", t0)
+    run.stage_done("synth", t0, wave)
 
 
-def train(run: Run, runner, store: Store, cfg: GenpiConfig) -> None:
+def train(run: Run, runner, store: Store, cfg: GenpiConfig, wave: list[PromptPlan], name: str) -> None:
     from genpi.train.jobs import TrainJob
 
     t0 = time.time()
     # Prompts whose own overrides change the training settings train in packs of their own.
     groups: dict[str, list[PromptPlan]] = defaultdict(list)
-    for p in run.live():
+    for p in run.live(wave):
         groups[p.cfg.train.model_dump_json()].append(p)
     for i, members in enumerate(groups.values()):
         gcfg = cfg.model_copy(update={"train": members[0].cfg.train})
         jobs = [TrainJob(p.id, store.prompt_dir(p.id, p.fingerprint), p.entry.prompt) for p in members]
         g0 = time.time()
-        for o in runner.train(gcfg, store, jobs, run_name=f"train-{run.id}-{i}"):
+        for o in runner.train(gcfg, store, jobs, run_name=f"train-{run.id}-{name}{i}"):
             run.out[o.prompt_id].seconds["train"] = round((time.time() - g0) / max(1, len(jobs)), 2)
             if o.status == "failed":
                 run.fail(o.prompt_id, "train", o.error or "training failed")
-    run.stage_done("train", t0)
+    run.stage_done("train", t0, wave)
 
 
-def evaluate_and_publish(run: Run, runner, store: Store) -> None:
+def evaluate_and_publish(run: Run, runner, store: Store, wave: list[PromptPlan]) -> None:
     """Evaluate each trained adapter and publish it as soon as its evaluation is written."""
     t0 = time.time()
-    by_id = {p.id: p for p in run.live()}
+    by_id = {p.id: p for p in run.live(wave)}
     try:
         for pid, ev, error, seconds in runner.evaluate(list(by_id.values()), store):
             o = run.out[pid]
@@ -112,8 +116,8 @@ def evaluate_and_publish(run: Run, runner, store: Store) -> None:
                 continue
             stages.publish(store, by_id[pid], ev, o)
     except ResourceError as e:
-        run.fail_all("eval", f"ResourceError: {e}")
-    run.stage_done("eval", t0)
+        run.fail_all("eval", f"ResourceError: {e}", wave)
+    run.stage_done("eval", t0, wave)
 
 
 def make_runner(kind: str, cfg: GenpiConfig, facts):
@@ -170,11 +174,16 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
     if todo:
         runner = make_runner(runner_kind, cfg, facts)
         try:
-            synthesize(run, runner, store)
-            if run.live():
-                train(run, runner, store, cfg)
-            if run.live():
-                evaluate_and_publish(run, runner, store)
+            waves = [todo[i:i + cfg.cluster.wave_prompts] for i in range(0, len(todo), cfg.cluster.wave_prompts)]
+            for n, wave in enumerate(waves, 1):
+                name = f"w{n}-" if len(waves) > 1 else ""
+                if len(waves) > 1:
+                    print(f"[wave {n}/{len(waves)}] {len(wave)} prompts", flush=True)
+                synthesize(run, runner, store, wave)
+                if run.live(wave):
+                    train(run, runner, store, cfg, wave, name)
+                if run.live(wave):
+                    evaluate_and_publish(run, runner, store, wave)
         finally:
             # The Ray runner's engine actors end here (and their resource demand with them).
             runner.close()

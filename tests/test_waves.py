@@ -1,0 +1,51 @@
+"""Prompts move through the stages in waves (issue 15): the first adapters are published
+before later prompts start synthesis, and a wave's failure holds back no other wave."""
+from __future__ import annotations
+
+import json
+import os
+
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY_SEEDS  # noqa: E402
+from genpi.config import load_config
+from genpi.pipeline.run import internalize
+from genpi.store import Store
+
+PROMPTS = {
+    "pirate": "You are a pirate. Always answer like a pirate and say Arr.",
+    "chef": "You are a French chef. Mention butter in every answer.",
+    "terse": "Answer in at most five words.",
+}
+
+
+def _first_write(folder: str) -> float:
+    return min(os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_first_wave_is_published_before_the_last_wave_starts(tiny_overrides, tmp_path, capsys):
+    manifest = tmp_path / "prompts.yaml"
+    manifest.write_text(yaml.safe_dump([{"id": k, "prompt": v, "seed_inputs": TINY_SEEDS}
+                                        for k, v in PROMPTS.items()], sort_keys=False))
+    store = tmp_path / "store"
+    cfg = load_config(None, [*tiny_overrides, f"store={store}", "cluster.wave_prompts=2"])
+    assert internalize(str(manifest), cfg, "local") == 0
+    out = capsys.readouterr().out
+    assert "[wave 1/2] 2 prompts" in out and "[wave 2/2] 1 prompts" in out
+    reg = Store(store, create=False).registry()
+    assert set(reg) == set(PROMPTS)
+    last = store / "prompts" / "terse" / reg["terse"]["fingerprint"] / "synth"
+    # Wave 1 (pirate, chef) is published before wave 2's synthesis writes its first file.
+    for pid in ("pirate", "chef"):
+        assert reg[pid]["published_at"] < _first_write(str(last)), pid
+    # The run report still covers every prompt once, with time per stage summed over waves.
+    report = json.loads(sorted((store / "runs").glob("*/report.json"))[-1].read_text())
+    assert sorted(r["id"] for r in report["prompts"]) == sorted(PROMPTS)
+    # A wave size is how, not what: changing it redoes nothing.
+    cfg2 = load_config(None, [*tiny_overrides, f"store={store}", "cluster.wave_prompts=1"])
+    assert internalize(str(manifest), cfg2, "local") == 0
+    assert "3 unchanged" in capsys.readouterr().out
