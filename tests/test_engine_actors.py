@@ -164,7 +164,7 @@ def test_a_dead_actor_fails_only_its_batches_and_the_map_ends(ray_local, tiny_mo
         [first] = list(pool.map("info", [()], on_error=lambda args, e: pytest.fail(str(e))))
         ray.kill(pool.actors[0])
         with pytest.raises(ray.exceptions.RayActorError):  # ray.kill returns before the actor is gone
-            ray.get(pool.actors[0].info.remote(), timeout=60)
+            ray.get(pool.actors[0].info.remote(), timeout=300)
         out = list(pool.map("info", [(), ()], on_error=lambda args, e: f"failed: {type(e).__name__}"))
     finally:
         pool.close()
