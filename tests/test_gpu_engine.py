@@ -4,33 +4,23 @@ log-softmax of the raw logits at each generated position (temperature 1, whateve
 sampling temperature), the teacher distribution the KL term is trained on.
 
 Needs torch and transformers only: a random-weight Llama and a byte-level chat tokenizer
-built here (no hub, no GGUF). Skips with the reason where there is no CUDA.
+(bench/common.py) (no hub, no GGUF). Skips with the reason where there is no CUDA.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import tiny_tokenizer  # noqa: E402  (the byte-level chat tokenizer the benches use)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
 ]
-
-
-def _byte_chat_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=specials)
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +29,7 @@ def engine():
 
     from genpi.engines.hf import HFEngine
 
-    tok = _byte_chat_tokenizer()
+    tok = tiny_tokenizer()
     torch.manual_seed(0)
     # initializer_range 0.2: logits spread enough that the top-k is well separated in bf16.
     conf = LlamaConfig(vocab_size=len(tok) + 5, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
