@@ -194,3 +194,38 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket `genpi-test`; yields
+    its endpoint URL. The AWS_* variables are not set here: each test says what its processes see.
+
+    fsspec keeps one S3FileSystem per set of arguments in each process, and a Store built
+    without arguments takes the endpoint from the environment when first built, so a later
+    test would reach a server an earlier one stopped (CI: "Could not connect to the endpoint
+    URL"). The cache is emptied before and after, and the AWS_* variables restored."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import socket
+
+    import boto3
+    import s3fs
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+              "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)  # restored afterwards, whatever the test sets
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="genpi-test")
+        yield url
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

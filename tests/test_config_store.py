@@ -267,40 +267,22 @@ def test_put_dir_is_whole_or_absent(tmp_path):
     assert sorted(os.listdir(dest)) == ["a.bin", "b.bin"]
 
 
-def test_registry_keeps_every_entry_of_two_publishers_on_s3(tmp_path):
+def test_registry_keeps_every_entry_of_two_publishers_on_s3(s3_server, tmp_path):
     """Two jobs publishing into one bucket at once (a real S3 server on 127.0.0.1): a shared
     registry file read-modify-written by both loses entries; one record per prompt does not."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="k", aws_secret_access_key="s",
-                     region_name="us-east-1").create_bucket(Bucket="shared")
-        code = ("import sys\nfrom genpi.store import Store\nst = Store('s3://shared/store')\n"
-                "for i in range(25):\n    st.publish(f'{sys.argv[1]}{i}', '0123456789abcdef', {'kl_ratio': 0.5})\n")
-        jobs = [subprocess.Popen([sys.executable, "-c", code, name], env=env) for name in ("a", "b")]
-        assert [j.wait(timeout=120) for j in jobs] == [0, 0]
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            os.environ[k] = env[k]
-        reg = Store("s3://shared/store", create=False).registry()
-        assert sorted(reg) == sorted(f"{n}{i}" for n in "ab" for i in range(25))
-        assert all(e["fingerprint"] == "0123456789abcdef" and e["kl_ratio"] == 0.5 for e in reg.values())
-    finally:
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            os.environ.pop(k, None)
-        server.stop()
+    aws = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": s3_server,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    code = ("import sys\nfrom genpi.store import Store\nst = Store('s3://genpi-test/store')\n"
+            "for i in range(25):\n    st.publish(f'{sys.argv[1]}{i}', '0123456789abcdef', {'kl_ratio': 0.5})\n")
+    jobs = [subprocess.Popen([sys.executable, "-c", code, name], env={**os.environ, **aws}) for name in ("a", "b")]
+    assert [j.wait(timeout=120) for j in jobs] == [0, 0]
+    os.environ.update(aws)  # the s3_server fixture restores the environment
+    reg = Store("s3://genpi-test/store", create=False).registry()
+    assert sorted(reg) == sorted(f"{n}{i}" for n in "ab" for i in range(25))
+    assert all(e["fingerprint"] == "0123456789abcdef" and e["kl_ratio"] == 0.5 for e in reg.values())
 
 
 def test_registry_reads_records_over_an_old_registry_file(tmp_path):

@@ -49,25 +49,6 @@ def test_worker_env_forwards_settings_never_credentials(monkeypatch, tmp_path):
         assert k not in env and v not in text, k
 
 
-@pytest.fixture
-def s3_server():
-    """A real S3-compatible server (moto) on 127.0.0.1 with an empty bucket `genpi-test`."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    server.start()
-    try:
-        host, port = server._server.server_address[:2]
-        url = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
-                     region_name="us-east-1").create_bucket(Bucket="genpi-test")
-        yield url
-    finally:
-        server.stop()
-
-
 def _start_head(env: dict[str, str], tmp: str) -> tuple[subprocess.Popen, str, str]:
     port, dash = _free_port(), _free_port()
     proc = subprocess.Popen(
@@ -141,11 +122,7 @@ def test_batch_job_on_s3_puts_no_secret_in_any_runtime_env(s3_server, tmp_path, 
         _stop_head(head)
     # Workers wrote the store with the credentials from their own environment.
     os.environ.update({**secrets, "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        s3 = Store("s3://genpi-test/store", create=False)
-        pdir = s3.prompt_dir("pirate", s3.registry()["pirate"]["fingerprint"])
-        for rel in ("DONE", "adapter/adapter_model.safetensors", "synth/to_be.parquet"):
-            assert s3.exists(f"{pdir}/{rel}"), rel
-    finally:
-        for k in (*secrets, "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            os.environ.pop(k, None)
+    s3 = Store("s3://genpi-test/store", create=False)  # the s3_server fixture restores the environment
+    pdir = s3.prompt_dir("pirate", s3.registry()["pirate"]["fingerprint"])
+    for rel in ("DONE", "adapter/adapter_model.safetensors", "synth/to_be.parquet"):
+        assert s3.exists(f"{pdir}/{rel}"), rel

@@ -227,39 +227,23 @@ def test_ray_job_submit_to_a_local_head(ray_head, tmp_path, tiny_model_dir):
     assert "pirate" in Store(store, create=False).registry()
 
 
-def test_store_on_s3_compatible_server(tmp_path, tiny_model_dir):
+def test_store_on_s3_compatible_server(s3_server, tmp_path, tiny_model_dir):
     """The whole job against a real S3-compatible server (moto) on 127.0.0.1, run as a user
     would: credentials and endpoint in the environment, a local Ray of its own."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    server.start()
-    try:
-        host, port = server._server.server_address[:2]
-        aws = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-               "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-        import boto3
-
-        boto3.client("s3", **{"endpoint_url": aws["AWS_ENDPOINT_URL"], "aws_access_key_id": "test-key",
-                              "aws_secret_access_key": "test-secret", "region_name": "us-east-1"}
-                     ).create_bucket(Bucket="genpi-test")
-        manifest = write_manifest(tmp_path / "prompts.yaml", {"pirate": PROMPTS["pirate"]})
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(aws, RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu",
-                   TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-        r = subprocess.run(_job_cmd(manifest, "s3://genpi-test/store", tiny_model_dir), env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        for k, v in aws.items():
-            os.environ.setdefault(k, v)  # for the Store below (s3fs reads them)
-        s3 = Store("s3://genpi-test/store")
-        fp = s3.registry()["pirate"]["fingerprint"]
-        pdir = s3.prompt_dir("pirate", fp)
-        for rel in ("DONE", "eval.json", "adapter/adapter_model.safetensors", "synth/to_be.parquet"):
-            assert s3.exists(f"{pdir}/{rel}"), rel
-        assert s3.fs.ls(s3.path("runs")), "no run report in the bucket"
-        assert not any(tmp_path.glob("genpi-test*")), "the store was written to a local folder"
-    finally:
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
-            os.environ.pop(k, None)
-        server.stop()
+    aws = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+           "AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    manifest = write_manifest(tmp_path / "prompts.yaml", {"pirate": PROMPTS["pirate"]})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(aws, RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    r = subprocess.run(_job_cmd(manifest, "s3://genpi-test/store", tiny_model_dir), env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    os.environ.update(aws)  # for the Store below (s3fs reads them); the fixture restores the environment
+    s3 = Store("s3://genpi-test/store")
+    fp = s3.registry()["pirate"]["fingerprint"]
+    pdir = s3.prompt_dir("pirate", fp)
+    for rel in ("DONE", "eval.json", "adapter/adapter_model.safetensors", "synth/to_be.parquet"):
+        assert s3.exists(f"{pdir}/{rel}"), rel
+    assert s3.fs.ls(s3.path("runs")), "no run report in the bucket"
+    assert not any(tmp_path.glob("genpi-test*")), "the store was written to a local folder"
