@@ -231,6 +231,9 @@ class ServeConfig(_Strict):
     # the adapters in Ray Serve LLM's <path>/<id>/ layout (None = <store>/serve-lora).
     enable_prefix_caching: bool = True
     lora_export_uri: str | None = None
+    # Largest request body the ingress reads (a 413 beyond it, before any parsing): 1 MiB
+    # holds a 128k-token conversation; a client cannot make the ingress buffer more.
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -243,6 +246,12 @@ class ServeConfig(_Strict):
     def _replicas(self) -> "ServeConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.max_ongoing_requests <= self.target_ongoing_requests:
+            # The autoscaler adds replicas only for requests beyond the target; a replica that
+            # admits no more than the target never shows a backlog, so it would never scale.
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
+                             f"target_ongoing_requests ({self.target_ongoing_requests}), or the autoscaler never "
+                             "sees a backlog to scale on")
         return self
 
 

@@ -86,6 +86,22 @@ def test_zero_stage_3_is_refused_with_why():
     assert load_config(None, ["train.zero_stage=0"]).train.zero_stage == 0
 
 
+def test_max_ongoing_requests_must_exceed_the_autoscaling_target():
+    """A replica that admits no more requests than the autoscaler's target never shows the
+    backlog the autoscaler scales on: refused, naming both fields."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["serve.target_ongoing_requests=16", "serve.max_ongoing_requests=16"])
+    assert "max_ongoing_requests" in str(e.value) and "target_ongoing_requests" in str(e.value)
+    assert load_config(None, ["serve.target_ongoing_requests=16", "serve.max_ongoing_requests=17"])
+
+
+def test_max_request_bytes_is_a_validated_serve_setting():
+    assert load_config(None, []).serve.max_request_bytes == 1 << 20
+    assert load_config(None, ["serve.max_request_bytes=4096"]).serve.max_request_bytes == 4096
+    with pytest.raises(ConfigError, match="serve.max_request_bytes"):
+        load_config(None, ["serve.max_request_bytes=10"])
+
+
 def test_max_lora_rank_must_be_a_vllm_rank():
     # Issue 14 defect 8: vLLM accepts only a fixed set of max_lora_rank values.
     with pytest.raises(ConfigError) as e:

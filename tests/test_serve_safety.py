@@ -74,9 +74,8 @@ def test_hostile_input_in_a_stream_request_too(server, published):
 
 
 def test_body_size_limit_is_413(server, published):
-    from genpi.serve.app import MAX_BODY_BYTES
-
-    big = json.dumps(_chat("pirate", "x" * MAX_BODY_BYTES)).encode()
+    limit = server["cfg"].serve.max_request_bytes  # serve.max_request_bytes, 1 MiB by default
+    big = json.dumps(_chat("pirate", "x" * limit)).encode()
     err = _clean_error(_post_raw(server, big), 413, published)
     assert err["code"] == "request_too_large"
 
@@ -89,8 +88,8 @@ def test_body_size_limit_is_413(server, published):
     assert "content-length" not in {k.lower() for k in r.request.headers}
     _clean_error(r, 413, published)
     # Just under the limit is parsed as usual (then refused for its context length).
-    under = json.dumps(_chat("pirate", "hello " * ((MAX_BODY_BYTES - 200) // 6))).encode()
-    assert len(under) <= MAX_BODY_BYTES
+    under = json.dumps(_chat("pirate", "hello " * ((limit - 200) // 6))).encode()
+    assert len(under) <= limit
     assert _clean_error(_post_raw(server, under), 400, published)["code"] == "context_length_exceeded"
 
 

@@ -8,7 +8,7 @@ The ingress sends each request with `multiplexed_model_id = "<id>@<fingerprint>"
 Serve routes it to a replica that already holds that adapter when there is one, and a
 republished adapter (new fingerprint) is a new key that no replica has cached.
 
-The ingress refuses what a replica must never see (bad fields, a body over MAX_BODY_BYTES,
+The ingress refuses what a replica must never see (bad fields, a body over serve.max_request_bytes,
 a prompt that cannot fit the model's context) and resolves the reply length once: the
 payload a replica receives has `max_tokens` set (the most tokens to generate) and `stop`
 as a list of strings or null. Errors are answered in OpenAI's shape; a replica that dies
@@ -42,11 +42,6 @@ from genpi.serve.config import INGRESS, MODEL, app_args_config, base_model_name,
 from genpi.serve.openai import ApiError
 
 log = logging.getLogger("genpi.serve")
-
-# The largest request body the ingress reads (413 beyond). A full 8k-token context is
-# ~40 KB of text; 1 MiB leaves room for JSON escaping and long-context models while
-# bounding what one request can make the ingress buffer, parse and tokenize (a few ms).
-MAX_BODY_BYTES = 1 << 20
 
 api = FastAPI(title="genpi", description="OpenAI-compatible chat completions from internalized prompts")
 
@@ -101,7 +96,7 @@ def _error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to exceed `limit` (declared or streamed)."""
     too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
                        param=None, code="request_too_large")
@@ -270,7 +265,7 @@ class GenpiIngress:
         t0 = time.perf_counter()
         model = "(rejected)"
         try:
-            req = oa.parse_chat_request(await _read_body(request))
+            req = oa.parse_chat_request(await _read_body(request, self.cfg.serve.max_request_bytes))
             model = req.model
             new = req.new_tokens(self.cfg.serve.max_new_tokens)  # a 400 here, not inside a replica
             explicit = req.max_completion_tokens is not None or req.max_tokens is not None
