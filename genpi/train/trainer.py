@@ -90,6 +90,43 @@ def split_cpus(node_cpus: list[float], workers: int) -> float:
     return 1.0
 
 
+def train_resource_problem(node_res: list[dict], workers: int, cpus: float, gpus: float) -> str | None:
+    """Why `workers` training workers of `cpus` CPU and `gpus` GPU each cannot all be placed on
+    these nodes (Ray `Resources` dicts of the alive nodes), or None when they can."""
+    fit = sum(min(int(r.get("CPU", 0) // cpus) if cpus else workers,
+                  int(r.get("GPU", 0) // gpus) if gpus else workers) for r in node_res)
+    if fit >= workers:
+        return None
+    return (f"training needs {workers} worker(s) with {cpus:g} CPU and {gpus:g} GPU each "
+            f"(cluster.train_workers, cluster.cpus_per_train_worker, cluster.gpus_per_train_worker), but the "
+            f"Ray cluster's nodes hold {fit}; on an autoscaling cluster set cluster.resource_wait_s to wait "
+            "for new nodes")
+
+
+def controller_failure_limit(resource_wait_s: float, start_timeout_s: float | None = None) -> int:
+    """Ray Train's retries of a worker group that did not start (FailureConfig.controller_failure_limit).
+
+    Ray Train waits `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (60 s) for the workers' placement
+    group, then retries, by default forever: a job asking for workers the cluster can never
+    hold would hang. Retry for about cluster.resource_wait_s (the time an autoscaler gets to
+    add nodes) and then fail, as synthesis and evaluation do."""
+    import math
+
+    if start_timeout_s is None:
+        start_timeout_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return math.ceil(resource_wait_s / max(start_timeout_s, 1e-9)) if resource_wait_s > 0 else 0
+
+
+def _progress(line: str) -> None:
+    """One progress line to the driver's log. Not print(): Ray Train replaces print in its
+    workers with a function that writes to stdout and also logs the line, so every line
+    reached the driver twice."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def ensure_torch_extensions_dir() -> str:
     """DeepSpeed compiles a small CPU extension once: keep it in genpi's cache, not ~/.cache."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
@@ -188,9 +225,9 @@ def _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs
         total_steps[0] += 1
         if rank == 0 and (pr.pack_steps % 10 == 0 or all(pr.done)):
             # Long work shows progress: a line per 10 steps reaches the driver's log.
-            print(f"[train] pack {p + 1}/{len(packs)}: step {pr.pack_steps}/{max(pr.total)}, "
-                  f"{sum(pr.done)}/{len(pr.done)} adapters done, "
-                  f"{pr.tokens / max(pr.seconds, 1e-9):.0f} tokens/s", flush=True)
+            _progress(f"[train] pack {p + 1}/{len(packs)}: step {pr.pack_steps}/{max(pr.total)}, "
+                      f"{sum(pr.done)}/{len(pr.done)} adapters done, "
+                      f"{pr.tokens / max(pr.seconds, 1e-9):.0f} tokens/s")
         if pr.pack_steps % cfg.train.checkpoint_every_steps == 0 and not all(pr.done):
             _checkpoint(engine, p, pr, {"pack_steps": pr.pack_steps, "pack": p})
             if fail_after is not None and total_steps[0] >= fail_after:
@@ -294,6 +331,13 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
                               cfg.cluster.train_workers)
         run_name = run_name or f"train-{int(time.time())}"
         gpu = cfg.cluster.gpus_per_train_worker > 0
+        problem = None if cfg.cluster.resource_wait_s else train_resource_problem(
+            [n["Resources"] for n in ray.nodes() if n.get("Alive")], cfg.cluster.train_workers,
+            actor_cpus(cpus), cfg.cluster.gpus_per_train_worker)
+        if problem:  # "check once": fail now rather than wait for workers that cannot start
+            packs, error = [], f"ResourceError: {problem}"
+            log.error("%s", problem)
+    if packs:
         scratch = tempfile.mkdtemp(prefix="genpi-train-")
         trainer = _trainer_class()(
             _worker,
@@ -315,7 +359,9 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
                                      timeout_s=_collective_timeout_s),
             run_config=RunConfig(name=run_name, storage_path=storage_path or store.path("runs", "train"),
                                  storage_filesystem=None if (storage_path or store.local) else _arrow_fs(store),
-                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 failure_config=FailureConfig(
+                                     max_failures=max_failures,
+                                     controller_failure_limit=controller_failure_limit(cfg.cluster.resource_wait_s)),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  worker_runtime_env={"env_vars": {**worker_env(), **{
                                      k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
