@@ -229,3 +229,21 @@ def s3_server(monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_store_template(tiny_model_dir, tmp_path_factory):
+    """Two adapters published by `genpi internalize` on the tiny model (tests/test_serve.py's
+    PROMPTS), made once per session: each serving module copies it (~30 s saved per module)."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from genpi.store import Store
+    from test_serve import PROMPTS, _internalize, _manifest
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serve-template")
+    store = root / "store"
+    _internalize(_manifest(root / "m.yaml", PROMPTS), store, tiny_model_dir)
+    assert set(Store(store).registry()) == set(PROMPTS)
+    return {"store": store, "model_dir": tiny_model_dir}

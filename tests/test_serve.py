@@ -84,15 +84,13 @@ def _sse(text: str) -> list:
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def published(tiny_model_dir, tmp_path_factory):
-    """A store with two adapters published by the real pipeline on the tiny model."""
+def published(serve_store_template, tmp_path_factory):
+    """A store with two adapters published by the real pipeline on the tiny model: this
+    module's own copy of the session's template (tests here publish into it)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serve")
-    store = root / "store"
-    _internalize(_manifest(root / "m.yaml", PROMPTS), store, tiny_model_dir)
-    reg = Store(store).registry()
-    assert set(reg) == set(PROMPTS)
-    return {"root": root, "store": store, "model_dir": tiny_model_dir}
+    shutil.copytree(serve_store_template["store"], root / "store")
+    return {"root": root, "store": root / "store", "model_dir": serve_store_template["model_dir"]}
 
 
 class Library:
