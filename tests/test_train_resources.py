@@ -16,7 +16,8 @@ import pytest
 
 from genpi.config import load_config
 from genpi.store import Store
-from genpi.train.trainer import _progress, controller_failure_limit, train_resource_problem, train_many
+from genpi.train.placement import controller_failure_limit, train_resource_problem
+from genpi.train.trainer import TRAIN_ERROR, _progress, train_many
 
 from fake_synth import train_jobs  # noqa: E402
 
@@ -78,3 +79,28 @@ def test_a_progress_line_reaches_the_log_once_under_ray_trains_print_patch(monke
         finally:
             root.removeHandler(handler)
     assert out.getvalue().count("step 20/88") == 2
+
+
+# ~40-90 s: one Ray Train run of 3 one-prompt packs on the tiny model.
+@pytest.mark.timeout(600)
+def test_a_failing_pack_fails_only_its_own_prompts(ray_local, tiny_model_dir, smollm_tokenizer, tmp_path):
+    """Issue 15: an error in one pack failed every pack after it in the same Ray Train run
+    ("pack did not finish"); now the pack's own prompts fail with its error and the rest train."""
+    store = Store(tmp_path / "store")
+    cfg = load_config(None, ["train.epochs=1", "train.batch_size=2", "train.lora_r=4", "train.pack_size=1",
+                             "cluster.train_workers=1", f"model.name={tiny_model_dir}"])
+    jobs = train_jobs(store, smollm_tokenizer, ["a", "b", "c"])
+    for j in jobs:  # a stale failure of an earlier run is not this run's outcome
+        store.write_json(f"{j.pdir}/{TRAIN_ERROR}", {"error": "an earlier run's failure"})
+    from genpi.train.jobs import plan_packs, prepare_jobs
+
+    sets, _ = prepare_jobs(cfg, store, smollm_tokenizer, jobs)
+    first = plan_packs({k: ts.tokens() for k, ts in sets.items()}, 1)[0][0]  # the first pack's prompt
+    outcomes = {o.prompt_id: o for o in train_many(cfg, store.uri, jobs, run_name="t-fail", _fail_prompt=first)}
+    assert outcomes[first].status == "failed", outcomes[first]
+    assert f"injected training failure for {first}" in outcomes[first].error and outcomes[first].pack == 0
+    rest = [j for j in jobs if j.prompt_id != first]
+    assert {outcomes[j.prompt_id].status for j in rest} == {"trained"}, {k: o.error for k, o in outcomes.items()}
+    # The packs after the failed one trained on a base without its LoRA layers.
+    for j in rest:
+        assert store.read_json(f"{j.pdir}/train.json")["steps"] > 0

@@ -16,7 +16,8 @@ from genpi.store import Store
 from genpi.train.multilora import PackedLora
 from genpi.train.packed import PackedAdamW, PackMember, member_batches, pack_step, train_pack
 from genpi.rayinit import use_assigned_cpus
-from genpi.train.trainer import pack_engine, split_cpus
+from genpi.train.placement import split_cpus
+from genpi.train.trainer import pack_engine
 
 from fake_synth import train_jobs
 from test_packed_train import PAD, _training_set

@@ -33,9 +33,18 @@ import traceback
 from dataclasses import asdict
 
 from genpi.config import GenpiConfig
+from genpi.train.placement import controller_failure_limit, split_cpus, train_resource_problem
 from genpi.train.jobs import ADAPTER_FILE, TrainJob, TrainOutcome, peak_memory, plan_packs, prepare_jobs, write_pack
 
 log = logging.getLogger(__name__)
+
+# A pack's failure, per prompt of the pack, next to its artifacts (read by the driver).
+TRAIN_ERROR = "train_error.json"
+
+
+class InjectedWorkerFailure(RuntimeError):
+    """The resume test's simulated worker crash: Ray Train must restart the workers (a pack's
+    own errors are caught and fail only that pack)."""
 
 
 def deepspeed_config(zero_stage: int, bf16: bool) -> dict:
@@ -79,44 +88,6 @@ def pack_engine(pack, opt, zero_stage: int, bf16: bool):
         engine.destroy()
 
 
-def split_cpus(node_cpus: list[float], workers: int) -> float:
-    """CPUs per training worker when the config leaves it unset: as many as possible while
-    all `workers` still fit on the cluster's nodes (every CPU of the largest node for one
-    worker; half of it for two workers on one node); at least 1 (a cluster scaling from
-    zero has no worker node yet)."""
-    for c in range(int(max(node_cpus, default=0)), 0, -1):
-        if sum(int(n) // c for n in node_cpus) >= workers:
-            return float(c)
-    return 1.0
-
-
-def train_resource_problem(node_res: list[dict], workers: int, cpus: float, gpus: float) -> str | None:
-    """Why `workers` training workers of `cpus` CPU and `gpus` GPU each cannot all be placed on
-    these nodes (Ray `Resources` dicts of the alive nodes), or None when they can."""
-    fit = sum(min(int(r.get("CPU", 0) // cpus) if cpus else workers,
-                  int(r.get("GPU", 0) // gpus) if gpus else workers) for r in node_res)
-    if fit >= workers:
-        return None
-    return (f"training needs {workers} worker(s) with {cpus:g} CPU and {gpus:g} GPU each "
-            f"(cluster.train_workers, cluster.cpus_per_train_worker, cluster.gpus_per_train_worker), but the "
-            f"Ray cluster's nodes hold {fit}; on an autoscaling cluster set cluster.resource_wait_s to wait "
-            "for new nodes")
-
-
-def controller_failure_limit(resource_wait_s: float, start_timeout_s: float | None = None) -> int:
-    """Ray Train's retries of a worker group that did not start (FailureConfig.controller_failure_limit).
-
-    Ray Train waits `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` (60 s) for the workers' placement
-    group, then retries, by default forever: a job asking for workers the cluster can never
-    hold would hang. Retry for about cluster.resource_wait_s (the time an autoscaler gets to
-    add nodes) and then fail, as synthesis and evaluation do."""
-    import math
-
-    if start_timeout_s is None:
-        start_timeout_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
-    return math.ceil(resource_wait_s / max(start_timeout_s, 1e-9)) if resource_wait_s > 0 else 0
-
-
 def _progress(line: str) -> None:
     """One progress line to the driver's log. Not print(): Ray Train replaces print in its
     workers with a function that writes to stdout and also logs the line, so every line
@@ -138,15 +109,11 @@ def ensure_torch_extensions_dir() -> str:
 # ---- the Ray Train worker ------------------------------------------------------------------
 def _worker(config: dict) -> None:
     import ray.train
-    import torch
     import torch.distributed as dist
 
     from genpi.models import load_model
     from genpi.store import Store
-    from genpi.synth.pipeline import load_synth
-    from genpi.train.loop import build_examples
-    from genpi.train.multilora import PackedLora
-    from genpi.train.packed import PackedAdamW, PackMember, PackProgress
+    from genpi.train.packed import PackProgress
 
     cfg = GenpiConfig.model_validate(config["cfg"])
     store = Store(config["store_uri"])
@@ -173,18 +140,54 @@ def _worker(config: dict) -> None:
 
     for p in range(start_pack, len(packs)):
         jobs = [TrainJob(**j) for j in packs[p]]
-        # Every rank reads the data itself (no large objects through Ray); the driver already
-        # checked it, so this cannot fail for data reasons.
-        members = [PackMember(j.prompt_id, build_examples(tok, load_synth(store, j.synth_dir), j.prompt, cfg.train),
-                              seed=cfg.train.seed) for j in jobs]
-        pack = PackedLora(model, len(members), cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.target_modules,
-                          cfg.train.lora_dropout, seeds=[m.seed for m in members])
+        try:
+            _train_one_pack(model, tok, resolved, store, cfg, jobs, p, packs, rank, world, threads, device, pad,
+                            config, total_steps, resume_dir if p == start_pack else None,
+                            progress if p == start_pack else None)
+        except InjectedWorkerFailure:
+            raise
+        except Exception as e:
+            # A pack that fails on every rank alike (its data, a numerical error) fails only its own
+            # prompts: the next pack goes on. Ranks that disagree (a collective failed) cannot go on
+            # together: Ray Train restarts them from the last checkpoint instead.
+            if world > 1 and isinstance(e, dist.DistError):
+                raise
+            error = f"{type(e).__name__}: {e}"
+            log.error("pack %d/%d failed: %s\n%s", p + 1, len(packs), error, traceback.format_exc())
+            if rank == 0:
+                for j in jobs:
+                    store.write_json(f"{j.pdir}/{TRAIN_ERROR}", {"error": error, "pack": p,
+                                                                  "traceback": traceback.format_exc()})
+        # The pack's end is a checkpoint too: a restart goes on with the next pack.
+        _checkpoint(None, p + 1, None, {"pack": p + 1, "pack_steps": 0})
+    if ckpt_ctx is not None:
+        ckpt_ctx.__exit__(None, None, None)
+
+
+def _train_one_pack(model, tok, resolved, store, cfg, jobs, p, packs, rank, world, threads, device, pad, config,
+                    total_steps, resume_dir, progress) -> None:
+    """Train pack `p` and (rank 0) write its adapters; its LoRA layers leave the base, even on error."""
+    import torch
+    import torch.distributed as dist
+
+    from genpi.synth.pipeline import load_synth
+    from genpi.train.loop import build_examples
+    from genpi.train.multilora import PackedLora
+    from genpi.train.packed import PackedAdamW, PackMember
+
+    # Every rank reads the data itself (no large objects through Ray); the driver already checked it.
+    members = [PackMember(j.prompt_id, build_examples(tok, load_synth(store, j.synth_dir), j.prompt, cfg.train),
+                          seed=cfg.train.seed) for j in jobs]
+    pack = PackedLora(model, len(members), cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.target_modules,
+                      cfg.train.lora_dropout, seeds=[m.seed for m in members])
+    try:
         opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=cfg.train.grad_clip)
         bf16 = next(model.parameters()).dtype == torch.bfloat16
         with pack_engine(pack, opt, cfg.train.zero_stage, bf16) as engine:
+            if config.get("fail_prompt") in {j.prompt_id for j in jobs}:
+                raise RuntimeError(f"injected training failure for {config['fail_prompt']} (test hook)")
             prog, resumed_at = _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs,
-                                              config, total_steps, resume_dir if p == start_pack else None,
-                                              progress if p == start_pack else None)
+                                              config, total_steps, resume_dir, progress)
             # Every rank's peak memory, gathered as one tensor on the parameters' device (an
             # object collective would go through the host, which NCCL cannot do).
             mine = peak_memory()
@@ -201,12 +204,9 @@ def _worker(config: dict) -> None:
                     log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), key, st["stop_reason"])
             if world > 1:
                 dist.barrier()
+        del engine, opt  # nothing of a finished pack outlives it
+    finally:
         pack.remove()
-        del engine, opt, pack  # nothing of a finished pack outlives it
-        # The pack's end is a checkpoint too: a restart goes on with the next pack.
-        _checkpoint(None, p + 1, None, {"pack": p + 1, "pack_steps": 0})
-    if ckpt_ctx is not None:
-        ckpt_ctx.__exit__(None, None, None)
 
 
 def _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs, config, total_steps,
@@ -234,7 +234,7 @@ def _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs
                 marker = config["fail_marker"]
                 if not os.path.exists(marker):  # fail once, after the checkpoint (resume test)
                     open(marker, "w").close()
-                    raise RuntimeError(f"injected failure after pack step {pr.pack_steps}")
+                    raise InjectedWorkerFailure(f"injected failure after pack step {pr.pack_steps}")
 
     return train_pack(model, pack, members, cfg.train, pad, engine=engine, rank=rank, world=world,
                       micro_batch=config.get("micro_batch"), progress=prog, on_step=on_step), resumed_at
@@ -296,13 +296,15 @@ def _trainer_class():
 
 def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_name: str | None = None,
                storage_path: str | None = None, max_failures: int = 1,
-               _fail_after_steps: int | None = None, _micro_batch: int | None = None,
+               _fail_after_steps: int | None = None, _fail_prompt: str | None = None,
+               _micro_batch: int | None = None,
                _collective_timeout_s: int = 1800) -> list[TrainOutcome]:
     """Train one adapter per job, packed, on Ray Train; one outcome per job, in job order.
 
     ``storage_path`` (Ray Train's checkpoints and results) defaults to ``<store>/runs/train``,
     so a job's checkpoints live next to its artifacts on a cluster's shared store.
-    ``_fail_after_steps`` injects one worker failure after that many steps (tests only);
+    ``_fail_after_steps`` injects one worker failure after that many steps and ``_fail_prompt``
+    an error in the pack holding that prompt (tests only);
     ``_collective_timeout_s`` turns ranks that wait on each other forever into an error."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -338,6 +340,9 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
             packs, error = [], f"ResourceError: {problem}"
             log.error("%s", problem)
     if packs:
+        for k in pack_of:  # an earlier run's pack failure says nothing about this run
+            if store.exists(f"{by_id[k].pdir}/{TRAIN_ERROR}"):
+                store.remove(f"{by_id[k].pdir}/{TRAIN_ERROR}")
         scratch = tempfile.mkdtemp(prefix="genpi-train-")
         trainer = _trainer_class()(
             _worker,
@@ -346,6 +351,7 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
                 "store_uri": store_uri,
                 "packs": [[asdict(by_id[k]) for k in pack] for pack in packs],
                 "fail_after_steps": _fail_after_steps,
+                "fail_prompt": _fail_prompt,
                 "fail_marker": os.path.join(scratch, "failed-once"),
                 "micro_batch": _micro_batch,
             },
@@ -377,6 +383,9 @@ def train_many(cfg: GenpiConfig, store_uri: str, jobs: list[TrainJob], *, run_na
         j = by_id[k]
         if store.exists(f"{j.pdir}/{ADAPTER_FILE}") and store.exists(f"{j.pdir}/train.json"):
             outcomes[k] = TrainOutcome(k, j.pdir, "trained", pack=pack_of[k], stats=store.read_json(f"{j.pdir}/train.json"))
+        elif store.exists(f"{j.pdir}/{TRAIN_ERROR}"):  # its pack failed; the other packs went on
+            outcomes[k] = TrainOutcome(k, j.pdir, "failed", error=store.read_json(f"{j.pdir}/{TRAIN_ERROR}")["error"],
+                                       pack=pack_of[k])
         else:
             outcomes[k] = TrainOutcome(k, j.pdir, "failed", error=error or "pack did not finish", pack=pack_of[k])
     return [outcomes[j.prompt_id] for j in jobs]
