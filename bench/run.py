@@ -12,6 +12,9 @@ the others go on), each printing its figure next to its baseline measured in the
   synth       bench/synth.py       batched role-play vs one call per conversation
   train       bench/train.py       packed multi-LoRA vs one adapter at a time with PEFT
   serve       bench/serve.py       adapter without prompt vs prompted base, over HTTP
+  scale       bench/scale.py       the batch job over 50/100/300 real prompts (tiny model): its own
+                                   overhead per prompt, first adapter, driver memory, growth (hours
+                                   on 2 CPU cores: 10 prompts took 11.5 min, evaluation ~35 s each)
 GPU arms run when CUDA is present (torch.cuda.is_available()) and are written "not measured"
 otherwise, saying why: no GPU on the machine that ran it, or no GPU arm for that section.
 bench/gpu_check.sh runs the GPU arms with the GPU tests in one command. Results:
@@ -47,6 +50,7 @@ def sections(gpu: bool) -> dict[str, list[tuple[str, list[str]]]]:
         "synth": [("cpu", ["synth.py", "--conversations", "8", "--turns", "2", "--new-tokens", "16"])],
         "train": [("cpu", ["train.py", "--device", "cpu", "--threads", "2"])],
         "serve": [("cpu", ["serve.py", "--repeats", "2", "--max-tokens", "16"])],
+        "scale": [("cpu", ["scale.py"])],
     }
     if gpu:
         cpu["efficiency"].append(("gpu", ["efficiency.py", "--device", "cuda"]))
@@ -165,6 +169,15 @@ def markdown(res: dict) -> str:
             lines += [f"{arm.upper()}: {_status(e, arm, env)}", ""]
     lines += ["**Throughput** (each against its baseline, measured side by side in the same run)", ""]
     lines += throughput_rows(res)
+    lines += ["", "**Scale** (the batch job over N real system prompts of S-IFEval on a tiny random model, so "
+                  "that what is measured is the job itself; model time is subtracted for the overhead)", ""]
+    s = res["sections"].get("scale", {}).get("cpu")
+    if s and s["status"] == "measured":
+        from scale import table as scale_table  # noqa: PLC0415
+
+        lines.append(scale_table(s["result"]))
+    else:
+        lines.append(f"scale: {_status(s, 'cpu', env)}")
     return "\n".join(lines)
 
 

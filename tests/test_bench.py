@@ -288,3 +288,43 @@ def test_gpu_check_runs_without_cuda_and_says_what_it_skipped(tmp_path):
     skipped = {s["what"] for s in res["skipped"]}
     assert {"bench train (GPU arm)", "bench synth (GPU arm)", "bench efficiency (GPU arm)"} <= skipped
     assert "skipped bench train (GPU arm)" in proc.stdout
+
+
+# Slow: two whole jobs; 10 prompts alone took 11.5 min on 2 busy cores (evaluation ~35 s per
+# prompt on the tiny model with SmolLM2's vocabulary, 1-3 min of Ray Train start per wave).
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_scale_bench_quick_end_to_end(tmp_path, tiny_model_dir):
+    """bench/scale.py --quick as bench/run.py runs it: the batch job on 10 then 20 real prompts
+    of the shared manifest (skipped, saying so, where it is absent), every figure present and
+    consistent with the store it left, the growth and the targets computed, the table written."""
+    import subprocess
+
+    manifest = REPO.parent / "shared" / "manifests" / "s-ifeval-300.jsonl"
+    if not manifest.exists():
+        pytest.skip(f"{manifest} is absent (the shared manifests sit next to the checkout, never in it)")
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scale.py"), "--quick", "--out", str(out),
+                           "--work", str(work), "--model", str(tiny_model_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=3500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = out.glob("scale-quick-*.json")
+    res = json.loads(path.read_text())
+    assert [r["n"] for r in res["runs"]] == [10, 20]
+    for r in res["runs"]:
+        assert r["returncode"] == 0 and r["published"] == r["n"] == r["counts"]["published"]
+        assert 0 < r["first_published_s"] < r["wall_s"] and r["first_published_share"] < 1
+        reg = [json.loads(p.read_text()) for p in (work / f"n{r['n']}" / "store" / "registry").glob("*.json")]
+        assert len(reg) == r["n"]
+        # Model time is below wall time, so the overhead is positive; no figure is made up.
+        assert sum(r["model_seconds"].values()) < r["wall_s"] and r["overhead_s_per_prompt"] > 0
+        assert r["model_seconds_source"] in ("report model_seconds", "estimated from stage records")
+        assert 100 < r["driver_vmhwm_mb"] <= r["driver_peak_rss_mb"] + 1 <= r["process_tree_max_rss_mb"] + 1
+        # spec.json, synth files, train.json, adapter files, eval.json, DONE at least.
+        assert r["store_files_per_prompt"]["min"] >= 8
+    g = res["growth"]
+    assert (g["from_n"], g["to_n"], g["prompt_ratio"]) == (10, 20, 2.0) and g["time_ratio"] > 0.5
+    assert [t["target"] for t in res["targets"]] == ["overhead_s_per_prompt", "driver_peak_rss_mb",
+                                                     "first_published_share"]
+    assert all(t["at_n"] == 20 and t["pass"] in (True, False) for t in res["targets"])
+    assert "| 20 | 1 | 0 |" in proc.stdout and "Targets: " in proc.stdout
