@@ -16,7 +16,14 @@ saturation and p50/p95 latency, with the replica batching rows of every adapter 
 (continuous batching, genpi.serve.batching) vs one request at a time (max batch 1), side by
 side in one run, through the same HTTP app.
 
+A second row, the long tail: 300 published adapters, requests drawn from a Zipf-like
+distribution over them (a few hot adapters, most traffic; then a long tail), with the
+replica's adapter cache (serve.max_adapters_per_replica, 8) far smaller than 300: the
+same request sequence batched vs one at a time, with the replica's adapter reads (the
+multiplexer's misses), slot loads and evictions.
+
     python bench/serve.py --quick              # the load rows only, on a tiny random model
+    python bench/serve.py --load-only          # the load rows only, on SmolLM2 (or --model)
 
 The adapters are made first by the real pipeline with small synthesis/training settings
 (their quality does not change their cost: the LoRA shapes are those of the config), and
@@ -61,9 +68,12 @@ def _publish_untrained(model: str, store_uri: str, entries) -> None:
     Serving cost depends on the adapter's shape, not on what it learned, so the latency
     arms are the same as with trained adapters; spec.json carries the prompt for the
     tokens-saved figure. Written as publish does (adapter folder whole, DONE, registry).
+    One PEFT model, its LoRA weights drawn again per entry (seeded by the fingerprint).
     """
+    import math
     import tempfile
 
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from genpi.config import load_config
@@ -72,25 +82,31 @@ def _publish_untrained(model: str, store_uri: str, entries) -> None:
 
     cfg = load_config(None, [f"model.name={model}", f"store={store_uri}"])
     store = Store(store_uri)
-    base = None
+    registry = store.registry()
+    peft, t = None, cfg.train
     for e in entries:
         fp = fingerprint({"bench": "untrained", "model": model, "prompt": e.prompt, "train": cfg.stage_dict("train")})
-        if store.published(e.id) == fp:
+        if registry.get(e.id, {}).get("fingerprint") == fp and store.is_done(e.id, fp):
             continue
-        if base is None:
+        if peft is None:
             base, _, resolved = load_model(cfg.model)
-        t = cfg.train
-        peft = get_peft_model(base, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, target_modules=t.target_modules,
-                                               init_lora_weights=False))
+            peft = get_peft_model(base, LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha,
+                                                   target_modules=t.target_modules, init_lora_weights=False))
+        gen = torch.Generator().manual_seed(int(fp[:12], 16))
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n:  # nn.Linear's own initialisation (kaiming uniform, a=sqrt(5))
+                    bound = 1 / math.sqrt(p.shape[1])
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
         pdir = store.prompt_dir(e.id, fp)
         store.write_json(f"{pdir}/spec.json", {"entry": e.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                                                "model": resolved.identity, "fingerprint": fp, "bench": "untrained"})
         with tempfile.TemporaryDirectory() as tmp:
             peft.save_pretrained(tmp)
             store.put_dir(f"{tmp}", f"{pdir}/adapter")
-        base = peft.unload()
         store.publish(e.id, fp, {"bench": "untrained"})
-        print(f"published an untrained r={t.lora_r} adapter for {e.id} ({fp})")
+    if peft is not None:
+        print(f"published untrained r={t.lora_r} adapters in {store_uri}")
 
 
 def _one(client, body: dict) -> dict:
@@ -142,15 +158,15 @@ def _tiny_model() -> str:
     return str(out)
 
 
-def _load_arm(url: str, models: list[str], n_requests: int, clients: int, max_tokens: int) -> dict:
-    """`clients` threads sending `n_requests` non-streamed requests round-robin over `models`."""
+def _load_arm(url: str, picks: list[str], clients: int, max_tokens: int) -> dict:
+    """`clients` threads sending one non-streamed request per entry of `picks` (its model), in order."""
     import queue
     import threading
 
     import httpx
 
     jobs: queue.Queue = queue.Queue()
-    for i in range(n_requests):
+    for i in range(len(picks)):
         jobs.put(i)
     lat: list[float] = []
     errors: list[str] = []
@@ -162,7 +178,7 @@ def _load_arm(url: str, models: list[str], n_requests: int, clients: int, max_to
                     i = jobs.get_nowait()
                 except queue.Empty:
                     return
-                body = {"model": models[i % len(models)], "temperature": 0, "max_tokens": max_tokens,
+                body = {"model": picks[i], "temperature": 0, "max_tokens": max_tokens,
                         "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
                 t0 = time.perf_counter()
                 r = c.post("/v1/chat/completions", json=body)
@@ -178,12 +194,44 @@ def _load_arm(url: str, models: list[str], n_requests: int, clients: int, max_to
         t.join()
     wall = time.perf_counter() - t0
     q = statistics.quantiles(lat, n=100)
-    return {"requests": n_requests, "errors": len(errors), "first_error": errors[0] if errors else None,
-            "requests_per_s": n_requests / wall, "latency_ms_p50": 1000 * q[49], "latency_ms_p95": 1000 * q[94]}
+    return {"requests": len(picks), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "requests_per_s": len(picks) / wall, "latency_ms_p50": 1000 * q[49], "latency_ms_p95": 1000 * q[94]}
 
 
-def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, max_tokens: int) -> dict:
-    """The batched replica vs one request at a time, same app, same load, one after the other."""
+def zipf_picks(ids: list[str], n: int, s: float = 1.1, seed: int = 0) -> list[str]:
+    """`n` draws over `ids` with P(rank k) ~ 1/k^s: a few hot adapters, then a long tail."""
+    import random
+
+    return random.Random(seed).choices(ids, weights=[1 / (k + 1) ** s for k in range(len(ids))], k=n)
+
+
+def _replica_stats() -> dict:
+    from ray import serve
+
+    from genpi.serve.config import APP_NAME, MODEL
+
+    return serve.get_deployment_handle(MODEL, app_name=APP_NAME).stats.remote().result(timeout_s=60)
+
+
+def _cache_figures(before: dict, after: dict) -> dict:
+    """What a row cost the replica's adapter cache: reads (multiplexer misses), slot loads, evictions."""
+    d = {k: after[k] - before[k] for k in ("adapter_reads", "slot_hits", "slot_loads", "slot_evictions", "steps")}
+    d["slot_hit_rate"] = d["slot_hits"] / max(1, d["slot_hits"] + d["slot_loads"])
+    d["adapter_read_ms_mean"] = after["adapter_read_ms_mean"]
+    d["max_rows_seen"] = after["max_rows_seen"]
+    return d
+
+
+def _ratios(rows: dict) -> dict:
+    b, o = rows["batched"], rows["one_at_a_time"]
+    return {"requests_per_s_ratio": b["requests_per_s"] / o["requests_per_s"],
+            "p95_ratio": b["latency_ms_p95"] / o["latency_ms_p95"]}
+
+
+def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, max_tokens: int,
+                tail: list[str]) -> dict:
+    """The batched replica vs one request at a time, same app, same load, one after the other:
+    the 8-adapter row (warm cache), then the long-tail row over `tail` (cold: only those 8 read)."""
     from ray import serve
 
     from genpi.serve.app import GenpiIngress
@@ -192,21 +240,40 @@ def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, 
 
     config, opts = app_args_config(cfg), deployment_options(cfg)
     models = [f"bench-a{i}" for i in range(n_adapters)] + [base_model_name(cfg)]
+    picks = zipf_picks(tail, n_requests) if tail else []
     url = f"http://127.0.0.1:{port}"
-    rows = {}
+    rows: dict = {}
+    tail_rows: dict = {}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for arm, max_batch in (("batched", None), ("one_at_a_time", 1)):
         model = GenpiAdapters.options(name=MODEL, **opts[MODEL]).bind(config, max_batch)
         serve.run(GenpiIngress.options(name=INGRESS, **opts[INGRESS]).bind(model, config), name=APP_NAME,
                   route_prefix="/")
-        _load_arm(url, models, len(models), 1, 2)  # warm-up: every adapter read and in a slot
-        rows[arm] = _load_arm(url, models, n_requests, clients, max_tokens)
-        serve.delete(APP_NAME)
+        _load_arm(url, models, 1, 2)  # warm-up: every adapter read and in a slot
+        s0 = _replica_stats()
+        rows[arm] = _load_arm(url, [models[i % len(models)] for i in range(n_requests)], clients, max_tokens)
+        s1 = _replica_stats()
+        rows[arm]["cache"] = _cache_figures(s0, s1)
         print(f"{arm}: {rows[arm]}")
-    b, o = rows["batched"], rows["one_at_a_time"]
-    return {"clients": clients, "adapters": n_adapters, "max_tokens": max_tokens, **rows,
-            "requests_per_s_ratio": b["requests_per_s"] / o["requests_per_s"],
-            "p95_ratio": b["latency_ms_p95"] / o["latency_ms_p95"]}
+        if picks:
+            tail_rows[arm] = _load_arm(url, picks, clients, max_tokens)
+            tail_rows[arm]["cache"] = _cache_figures(s1, _replica_stats())
+            print(f"{arm}, long tail: {tail_rows[arm]}")
+        serve.delete(APP_NAME)
+    out = {"clients": clients, "adapters": n_adapters, "max_tokens": max_tokens, **rows, **_ratios(rows)}
+    if picks:
+        counts = sorted((picks.count(m) for m in set(picks)), reverse=True)
+        out["long_tail"] = {"adapters": len(tail), "zipf_s": 1.1, "adapter_cache": cfg.serve.max_adapters_per_replica,
+                            "distinct_requested": len(counts), "top8_share": sum(counts[:8]) / len(picks),
+                            **tail_rows, **_ratios(tail_rows)}
+    return out
+
+
+def _print_load(name: str, r: dict) -> None:
+    c = r["cache"]
+    print(f"{name:<14} {r['requests_per_s']:>10.2f} {r['latency_ms_p50']:>7.0f}ms {r['latency_ms_p95']:>7.0f}ms "
+          f"{r['errors']:>6} {c['adapter_reads']:>6} {c['slot_loads']:>6} {c['slot_evictions']:>6} "
+          f"{c['slot_hit_rate']:>6.2f} {c['max_rows_seen']:>5}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                          "prompt on a busy CPU) instead of publishing untrained ones of the configured shape")
     ap.add_argument("--quick", action="store_true",
                     help="only the under-load rows, on a tiny random model (seconds, not minutes)")
+    ap.add_argument("--load-only", action="store_true", help="only the under-load rows, on --model")
+    ap.add_argument("--tail-adapters", type=int, default=300, help="adapters of the long-tail row (0: no such row)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--load-requests", type=int, default=None, help="requests per load arm (default 6 per client)")
@@ -234,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.model = _tiny_model()
         args.max_tokens = min(args.max_tokens, 16)
+        args.load_only = True
 
     import httpx
     import ray
@@ -252,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = {k: load_manifest(p)[0] for k, p in PROMPTS.items()}
     load_entries = [PromptEntry(id=f"bench-a{i}", prompt=f"Bench adapter {i}: answer briefly.")
                     for i in range(args.adapters)]
+    tail = [PromptEntry(id=f"bench-t{i:03d}", prompt=f"Tail adapter {i}: answer briefly.")
+            for i in range(args.tail_adapters)]
     if args.train:
         overrides = [f"model.name={args.model}", *QUICK]
         for path in PROMPTS.values():  # a no-op when already published with these settings
@@ -260,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"internalize {path} failed", file=sys.stderr)
                 return 1
             print(f"adapter for {path.name} ready ({time.time() - t0:.0f} s)")
-    else:
+    elif not args.load_only:
         _publish_untrained(args.model, args.store, list(entries.values()))
-    _publish_untrained(args.model, args.store, load_entries)
+    _publish_untrained(args.model, args.store, load_entries + tail)
     port = _free_port()
     cfg = load_config(None, [f"model.name={args.model}", f"store={args.store}", f"serve.port={port}",
                              f"serve.cpus_per_replica={args.threads}", "serve.cpus_per_ingress=0.1"])
@@ -274,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
                      "questions": QUESTIONS, "prompts": {}, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         n_load = args.load_requests or 6 * args.clients
-        results["under_load"] = _under_load(cfg, port, args.adapters, n_load, args.clients, args.max_tokens)
-        if not args.quick:
-            url = start(cfg, blocking=False)
+        results["under_load"] = _under_load(cfg, port, args.adapters, n_load, args.clients, args.max_tokens,
+                                            [e.id for e in tail])
+        if not args.load_only:
+            start(cfg, blocking=False)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
-            for kind, entry in ({} if args.quick else entries).items():
+            for kind, entry in ({} if args.load_only else entries).items():
                 prompt_tokens = len(tok(entry.prompt, add_special_tokens=False)["input_ids"])
                 arms = {
                     "prompted_base": lambda q: {"model": base, "messages": teacher_messages(entry.prompt, q)},
@@ -329,12 +402,22 @@ def main(argv: list[str] | None = None) -> int:
     ul = results["under_load"]
     print(f"\nunder load: {ul['clients']} concurrent clients over {ul['adapters']} adapters and the base, "
           f"max_tokens={ul['max_tokens']}, {ul['batched']['requests']} requests per arm")
-    print(f"{'replica':<14} {'requests/s':>10} {'p50':>9} {'p95':>9} {'errors':>6}")
+    head = (f"{'replica':<14} {'requests/s':>10} {'p50':>9} {'p95':>9} {'errors':>6} {'reads':>6} {'loads':>6} "
+            f"{'evicts':>6} {'hits':>6} {'batch':>5}")
+    print(head)
     for arm in ("batched", "one_at_a_time"):
-        r = ul[arm]
-        print(f"{arm:<14} {r['requests_per_s']:>10.2f} {r['latency_ms_p50']:>7.0f}ms {r['latency_ms_p95']:>7.0f}ms "
-              f"{r['errors']:>6}")
+        _print_load(arm, ul[arm])
     print(f"batched / one at a time: {ul['requests_per_s_ratio']:.2f}x requests/s, p95 x{ul['p95_ratio']:.2f}")
+    if "long_tail" in ul:
+        lt = ul["long_tail"]
+        print(f"\nlong tail: {lt['adapters']} adapters, Zipf s={lt['zipf_s']}, adapter cache {lt['adapter_cache']} "
+              f"per replica; {lt['distinct_requested']} adapters requested, top 8 = {lt['top8_share']:.0%} of requests")
+        print(head)
+        for arm in ("batched", "one_at_a_time"):
+            _print_load(arm, lt[arm])
+        print(f"batched / one at a time: {lt['requests_per_s_ratio']:.2f}x requests/s, p95 x{lt['p95_ratio']:.2f}")
+    print("(reads: adapter files read on a multiplexer miss; loads/evicts: batch slots; hits: slot hit rate; "
+          "batch: most rows decoded together)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"

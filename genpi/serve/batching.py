@@ -85,6 +85,11 @@ class Batcher:
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where the cache holds a real token
         self.steps = 0  # decoding forwards run (tests and the bench read it)
         self.max_rows_seen = 0
+        # Rows by fate (stats()): a client that went away while queued never reaches `admitted`.
+        self.waiting = 0  # submitted, neither admitted nor done yet (guarded by _cv)
+        self.admitted = 0
+        self.cancelled_queued = 0
+        self.cancelled_running = 0
         self._thread = threading.Thread(target=self._run, name="genpi-model", daemon=True)
         self._thread.start()
 
@@ -98,8 +103,17 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the model thread is closed")
             self._queue.append(row)
+            self.waiting += 1
             self._cv.notify()
         return row
+
+    def stats(self) -> dict[str, int]:
+        """Counters for tests, the bench and the replica's stats (safe from any thread)."""
+        with self._cv:
+            waiting = self.waiting
+        return {"steps": self.steps, "running": len(self.rows), "waiting": waiting, "admitted": self.admitted,
+                "cancelled_queued": self.cancelled_queued, "cancelled_running": self.cancelled_running,
+                "max_rows_seen": self.max_rows_seen, **self.slots.stats()}
 
     def close(self) -> None:
         with self._cv:
@@ -118,9 +132,10 @@ class Batcher:
                 waiting = list(self._queue)
                 self._queue.clear()
             new, back = self._admit(waiting)
-            if back:
-                with self._cv:
-                    self._queue.extendleft(reversed(back))  # keep arrival order
+            with self._cv:
+                self._queue.extendleft(reversed(back))  # keep arrival order
+                self.waiting -= len(waiting) - len(back)
+            self.admitted += len(new)
             try:
                 with torch.no_grad():
                     self._step(new)
@@ -137,6 +152,7 @@ class Batcher:
         back: list[Row] = []
         for r in waiting:
             if r.cancelled or r.future.cancelled():
+                self.cancelled_queued += 1
                 self._done(r, error=Cancelled())
             elif len(self.rows) + len(new) >= self.max_batch:
                 back.append(r)
@@ -226,6 +242,7 @@ class Batcher:
         gone = [i for i, r in enumerate(self.rows) if r.cancelled or r.future.cancelled()]
         for i in gone:
             self.rows[i].finish = "cancelled"
+        self.cancelled_running += len(gone)
         self._remove(gone)
 
     def _remove(self, gone: list[int]) -> None:

@@ -69,14 +69,20 @@ class LoraSlots:
         self._users: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self.unwanted: set[str] = set()  # keys the multiplexer dropped: evicted first
+        self.hits = self.loads = self.evictions = 0  # acquire() outcomes, for stats()
 
     def keys(self) -> list[str]:
         with self._lock:
             return sorted(self._slot)
 
+    def stats(self) -> dict[str, int]:
+        return {"slot_hits": self.hits, "slot_loads": self.loads, "slot_evictions": self.evictions,
+                "slots_used": len(self._slot), "slots": self.capacity}
+
     def acquire(self, key: str) -> int | None:
         """The slot holding `key` (loaded now if needed), or None when every slot is in use."""
         if key in self._slot:
+            self.hits += 1
             self._slot.move_to_end(key)
             self._users[key] += 1
             return self._slot[key]
@@ -89,12 +95,14 @@ class LoraSlots:
             victim = next((k for k in idle if k in self.unwanted), idle[0])
             with self._lock:
                 free = self._slot.pop(victim)
+            self.evictions += 1
             log.info("adapter %s evicted from slot %d", victim, free)
         w = self._weights(key)
         self._install(free, w)
         with self._lock:
             self._slot[key] = free
         self._users[key] += 1
+        self.loads += 1
         log.info("adapter %s loaded into slot %d (r=%d)", key, free, w.r)
         return free
 

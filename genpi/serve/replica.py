@@ -1,6 +1,7 @@
 """The model replica of the CPU serving path (Ray Serve deployment `GenpiAdapters`): one base
 model, many adapters, requests batched as they arrive (genpi.serve.backend / batching)."""
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,10 +26,14 @@ class GenpiAdapters:
         # Adapter files are fetched and read here, never on the model thread, so a slow
         # download does not stall the batch.
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genpi-load")
+        self.reads, self.read_s = 0, 0.0  # the multiplexer's misses: adapter files fetched and read
 
         async def load(key: str):
             ref = AdapterRef.from_key(key)
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.load, ref)
+            t0 = time.perf_counter()
+            handle = await asyncio.get_running_loop().run_in_executor(self.pool, self.backend.load, ref)
+            self.reads, self.read_s = self.reads + 1, self.read_s + time.perf_counter() - t0
+            return handle
 
         # Configured per deployment, hence wrapped here rather than as a class decorator
         # (Ray Serve detects multiplexing wired up at init time).
@@ -36,6 +41,12 @@ class GenpiAdapters:
 
     async def ready(self) -> dict[str, Any]:
         return {"base": self.backend.base_name, "adapters_loaded": self.backend.attached()}
+
+    async def stats(self) -> dict[str, Any]:
+        """The batch's counters (rows admitted, cancelled, decoding steps, adapter slots) and the
+        adapter reads of this replica: what tests and the bench measure."""
+        return {**self.backend.batcher.stats(), "adapter_reads": self.reads,
+                "adapter_read_ms_mean": 1000 * self.read_s / self.reads if self.reads else None}
 
     async def _handle(self):
         key = serve.get_multiplexed_model_id()
