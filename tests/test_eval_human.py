@@ -116,7 +116,9 @@ def test_every_adapter_is_evaluated_on_the_shipped_human_set(tiny_peft, tiny_con
     # Capped (eval time) but evenly spread over the file: every language group stays in.
     assert len(used) == min(HUMAN_MAX_INPUTS or len(by_text), len(by_text)) and set(used) <= set(by_text)
     assert {"en", "fr", "es", "de", "zh", "ja"} <= {by_text[x] for x in used}
-    evs = evaluate_many(peft_model, tok, _entry(tiny_seeds), tiny_seeds[:2], ["zero", "random"], tiny_config)
+    # The defaults (the tiny pipeline config cuts both for speed).
+    cfg = tiny_config.with_overrides(["eval.human_max_inputs=20", "eval.plain_text_max_tokens=2048"])
+    evs = evaluate_many(peft_model, tok, _entry(tiny_seeds), tiny_seeds[:2], ["zero", "random"], cfg)
     for name, ev in evs.items():
         h = ev.human
         assert h is not None and h.n_inputs == len(used) and ev.n_heldout == 2
@@ -186,3 +188,22 @@ def test_plain_text_perplexity_is_the_models_own_loss(tiny_peft):
     assert got.tokens == sum(len(w) - 1 for w in windows) > 1000
     assert got.base == pytest.approx(base, rel=1e-4) and got.adapter == pytest.approx(ppl(), rel=1e-4)
     assert got.ratio == pytest.approx(got.adapter / got.base)
+
+
+def test_human_set_and_plain_text_can_be_cut_for_large_runs(tiny_peft, tiny_config, tiny_seeds, single_thread_torch):
+    """eval.human_max_inputs and eval.plain_text_max_tokens: most of an evaluation's cost on a
+    small model; 0 leaves each out, a smaller number scores less. At their defaults they stay
+    out of fingerprints, so stores made before the settings existed are not redone."""
+    from genpi.eval.run import evaluate_many
+
+    peft_model, tok = tiny_peft
+    from genpi.config import load_config
+
+    assert not {"human_max_inputs", "plain_text_max_tokens"} & set(load_config(None, []).stage_dict("eval"))
+    off = tiny_config.with_overrides(["eval.human_max_inputs=0", "eval.plain_text_max_tokens=0"])
+    assert off.stage_dict("eval")["human_max_inputs"] == 0  # a changed evaluation is a new fingerprint
+    ev = evaluate_many(peft_model, tok, _entry(tiny_seeds), tiny_seeds[:2], ["random"], off)["random"]
+    assert ev.human is None and ev.plain_text is None and ev.n_heldout == 2
+    small = tiny_config.with_overrides(["eval.human_max_inputs=3", "eval.plain_text_max_tokens=600"])
+    ev = evaluate_many(peft_model, tok, _entry(tiny_seeds), tiny_seeds[:2], ["random"], small)["random"]
+    assert ev.human.n_inputs == 3 and 0 < ev.plain_text.tokens <= 600

@@ -41,22 +41,22 @@ SYSTEMS = ("teacher", "base", "adapter")
 # 6 s per input for SmolLM2-135M there); the inputs are taken evenly spaced through the file,
 # which lists the English ones first, so a capped set keeps every language group.
 HUMAN_INPUTS = True
-HUMAN_MAX_INPUTS: int | None = 20
+HUMAN_MAX_INPUTS: int | None = 20  # the default of eval.human_max_inputs
 # Plain text is scored in windows of this many tokens (enough context for a perplexity that
-# means something, small enough for one CPU forward), at most PLAIN_TEXT_MAX_TOKENS in all.
+# means something, small enough for one CPU forward), at most eval.plain_text_max_tokens in all.
 PLAIN_TEXT_WINDOW = 512
-PLAIN_TEXT_MAX_TOKENS = 2048
+PLAIN_TEXT_MAX_TOKENS = 2048  # the default of eval.plain_text_max_tokens
 N_SAMPLES = 5
 
 
-def default_human_inputs() -> list[str]:
-    """The human-written user messages the evaluation uses when none are given."""
-    if not HUMAN_INPUTS:
+def default_human_inputs(max_inputs: int | None = HUMAN_MAX_INPUTS) -> list[str]:
+    """The human-written user messages the evaluation uses when none are given (None: all)."""
+    if not HUMAN_INPUTS or max_inputs == 0:
         return []
     texts = [r["text"] for r in human_inputs()]
-    if HUMAN_MAX_INPUTS is None or HUMAN_MAX_INPUTS >= len(texts):
+    if max_inputs is None or max_inputs >= len(texts):
         return texts
-    return [texts[i * len(texts) // HUMAN_MAX_INPUTS] for i in range(HUMAN_MAX_INPUTS)]
+    return [texts[i * len(texts) // max_inputs] for i in range(max_inputs)]
 
 
 def _reply_logprobs(model, tok, convs: list[list[dict]]) -> list[torch.Tensor]:
@@ -146,9 +146,10 @@ def _plain_text_nll(model, tok, windows: list[list[int]]) -> float:
     return total / count
 
 
-def plain_text_perplexity(peft_model, tok, adapter_names: list[str]) -> dict[str, PlainTextPerplexity]:
+def plain_text_perplexity(peft_model, tok, adapter_names: list[str],
+                          max_tokens: int = PLAIN_TEXT_MAX_TOKENS) -> dict[str, PlainTextPerplexity]:
     """Perplexity of the shipped plain text with each adapter vs the base, no prompt either way."""
-    ids = tok(plain_text(), add_special_tokens=False)["input_ids"][:PLAIN_TEXT_MAX_TOKENS]
+    ids = tok(plain_text(), add_special_tokens=False)["input_ids"][:max_tokens]
     windows = [w for i in range(0, len(ids), PLAIN_TEXT_WINDOW) if len(w := ids[i : i + PLAIN_TEXT_WINDOW]) > 1]
     with peft_model.disable_adapter():
         base = math.exp(_plain_text_nll(peft_model, tok, windows))
@@ -181,7 +182,7 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
     if not adapter_names or len(set(adapter_names)) != len(adapter_names):
         raise ValueError(f"evaluate_many needs distinct adapter names, got {adapter_names!r}")
     ec = cfg.eval
-    human = default_human_inputs() if human is None else list(human)
+    human = default_human_inputs(ec.human_max_inputs) if human is None else list(human)
     engine = HFEngine(peft_model, tok, cfg.engine.batch_size)
     # Every reply of every set in one generate call: the engine batches requests of the same
     # adapter together, so the human set fills batches rather than adding half-empty ones.
@@ -211,7 +212,8 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
                         list(range(min(N_SAMPLES, n))))
     human_scores = _score_set(peft_model, tok, entry, human, replies["human"], adapter_names, bs,
                               list(range(len(human)))[:: max(1, len(human) // N_SAMPLES)][:N_SAMPLES]) if human else {}
-    ppl = plain_text_perplexity(peft_model, tok, adapter_names)
+    ppl = plain_text_perplexity(peft_model, tok, adapter_names, ec.plain_text_max_tokens) \
+        if ec.plain_text_max_tokens else {}
     # Efficiency: what the request no longer sends, and what that costs in time. Every
     # adapter has the same shape, so the first one stands for all in the latency figures.
     with_prompt = [engine.count_prompt_tokens(teacher_messages(entry.prompt, x)) for x in heldout]
@@ -253,6 +255,6 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
                           for j, p in enumerate(ec.leak_probes)],
             human=InputSetEval(n_inputs=len(human), metrics=human_scores[a][0], checks=human_scores[a][1],
                                samples=human_scores[a][2]) if human else None,
-            plain_text=ppl[a],
+            plain_text=ppl.get(a),
         )
     return results
