@@ -2,8 +2,8 @@
 
 Synthesis runs 4 passes (inputs, replies, reasons, role-play); a Ray Data `map_batches` per
 pass built a new engine in new actors each time (tens of seconds per build on a GPU). An
-`EnginePool` instead creates its actors once and sends every pass's row batches to them
-(each actor keeps up to `max_in_flight` batches queued, so it never waits for the driver).
+`EnginePool` instead creates its actors once and sends every pass's calls to them (each
+actor keeps up to `max_in_flight` calls queued, so it never waits for the driver).
 With the transformers engine the same actors also evaluate: the engine holds the base model
 that evaluation needs (with vLLM, evaluation gets a pool of transformers actors of its own).
 
@@ -16,8 +16,10 @@ cluster, so one job releasing its request would cancel another job's.) The pool 
 naming the stage; more actors join while the stage runs as their resources appear, up to
 `cluster.synth_actors`; groups still pending at the deadline are given up (logged).
 
-A batch whose actor dies fails only the prompts in that batch (inside an actor,
+A call whose actor dies fails only the prompts of that call (inside an actor,
 `run_isolated` already keeps one prompt's failure to that prompt); the others go on.
+Synthesis calls are a pass for a few prompts: the actor reads their inputs from the store and
+writes their outputs there, and only small records come back to the driver.
 """
 from __future__ import annotations
 
@@ -64,11 +66,15 @@ class EngineActor:
                 "torch_threads": torch.get_num_threads(), "engines_built": _ENGINES_BUILT,
                 "calls": dict(self.calls)}
 
-    def synth(self, stage: str, rows: list[dict]) -> list[dict]:
-        from genpi.synth.stages import run_isolated
+    def synth_pass(self, pass_name: str, jobs: list, store_uri: str) -> list[dict]:
+        """Synthesis pass `pass_name` for a few prompts (`genpi.synth.passes.SynthJob`): their
+        rows made from the store, run here, their files written here; one small record per
+        prompt goes back (the rows, top-k included, never leave this actor). The store is
+        opened with this worker's own credentials (`genpi.store.worker_env`)."""
+        from genpi.store import Store
+        from genpi.synth.passes import run_pass
 
-        self.calls[stage] += 1
-        return run_isolated(stage, self.engine, rows)
+        return run_pass(self.engine, pass_name, jobs, Store(store_uri), self.calls)
 
     def evaluate(self, rows: list[dict], store_uri: str) -> list[dict]:
         """Evaluate each row's stored adapter on the engine's base model (writes eval.json);

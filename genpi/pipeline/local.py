@@ -34,7 +34,9 @@ class LocalRunner:
 
         if self._engine is None:
             self._engine = HFEngine(self.model, self.tok, self.cfg.engine.batch_size)
-        return EngineRunner(self._engine)
+        # The Ray runner's grouping of prompts (cluster.synth_actors), so that both runners
+        # batch the same rows together and write the same synthesis.
+        return EngineRunner(self._engine, workers=self.cfg.cluster.synth_actors)
 
     def close(self) -> None:
         """Nothing to release: the model lives in this process and goes with it."""

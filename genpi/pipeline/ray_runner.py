@@ -6,8 +6,9 @@ the transformers engine evaluation would use them too, but training runs in betw
 those CPUs/GPUs (on one machine every one of them; on an autoscaling cluster, holding GPU
 nodes idle through training costs more than building an engine again), so the pool is
 closed before training starts and evaluation creates its own. Closing a pool also withdraws
-the stage's resource demand from the autoscaler. Rows travel to the actors pickled, so nested
-replies, top-k rows and conversations never depend on Arrow schema inference.
+the stage's resource demand from the autoscaler. A synthesis call carries a pass name and a
+few prompts' jobs; the actor reads and writes the store itself, so rows (top-k included)
+never travel between the driver and the actors.
 """
 from __future__ import annotations
 
@@ -59,19 +60,31 @@ def _failed_rows(stage: str, rows: list[dict], e: BaseException, **extra) -> lis
 
 
 class SynthOnActors:
-    """A `genpi.synth.pipeline.Runner`: each synthesis pass on the same engine-actor pool, in
-    the batches the in-process runner would use (so both produce the same rows)."""
+    """A `genpi.synth.pipeline.Runner`: each call runs one synthesis pass for a group of
+    prompts on an actor of the pool, which writes their files to the store itself and sends
+    back one small record per prompt; groups finish in any order."""
 
     def __init__(self, cfg: GenpiConfig, pool: EnginePool):
         self.cfg, self.pool = cfg, pool
+        # prompt_groups' `workers`, from the configuration rather than the actors the cluster
+        # granted, so that the in-process runner (given the same) batches the same rows.
+        self.workers = cfg.cluster.synth_actors
 
-    def __call__(self, stage: str, rows: list[dict]) -> Iterable[dict]:
-        from genpi.synth.stages import batch_rows
+    def __call__(self, pass_name: str, groups: list[list], store: Store) -> Iterable[list[dict]]:
+        def failed(args: tuple, e: BaseException) -> list[dict]:
+            jobs = args[1]
+            out = _failed_rows(pass_name, [{"prompt_id": j.id} for j in jobs], e,
+                               **{"pass": pass_name, "rows": 0, "tokens": 0, "model_s": 0.0})
+            # The actor wrote nothing for these prompts: their error.json is written here.
+            for j, rec in zip(jobs, out):
+                try:
+                    store.write_json(f"{j.pdir}/error.json", {"error": rec["error"], "traceback": None})
+                except Exception as w:  # the record still fails the prompt in the run report
+                    log.warning("%s: error.json not written: %s", j.id, w)
+            return out
 
-        n = batch_rows(stage, self.cfg.engine.batch_size)
-        calls = [(stage, rows[i : i + n]) for i in range(0, len(rows), n)]
-        for out in self.pool.map("synth", calls, lambda args, e: _failed_rows(stage, args[1], e, tokens=0)):
-            yield from out
+        calls = [(pass_name, group, store.uri) for group in groups]
+        yield from self.pool.map("synth_pass", calls, failed, ordered=False)
 
 
 class RayRunner:

@@ -34,4 +34,7 @@ class PromptOutcome:
     failed_stage: str | None = None
     prompt_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # Seconds inside model calls per stage: synth (engine calls), train (training steps, the
+    # prompt's share of its pack's), eval (the prompt's evaluation).
+    model_seconds: dict[str, float] = field(default_factory=dict)
     eval: Any = None  # genpi.eval.result.EvalResult once evaluated (or read back on skip)

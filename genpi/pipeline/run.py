@@ -5,8 +5,9 @@ with the in-process runner, `jobs/internalize_many.py` with the Ray runner. A ru
 decides only where work runs (`genpi.pipeline.local`, `genpi.pipeline.ray_runner`); what
 is read and written per prompt is the same (`genpi.pipeline.stages`). Prompts go through
 the stages in waves of `cluster.wave_prompts`: the first adapters are published while later
-prompts have not started synthesis, a failure late in the job holds back no earlier wave,
-and the driver holds one wave's synthesis rows at a time. Each stage writes its outputs to
+prompts have not started synthesis, and a failure late in the job holds back no earlier
+wave. Synthesis rows never reach the driver (its workers write them; the driver gets a small
+record per prompt), so the driver's memory does not grow with the prompts. Each stage writes its outputs to
 the store before the next starts, so a run killed at any moment and started again redoes
 only unfinished stages. A prompt that fails is recorded with its stage and error; the
 others go on.
@@ -36,6 +37,7 @@ class Run:
         self.plans = plans
         self.out = {p.id: PromptOutcome(p.id, p.fingerprint, prompt_tokens=p.prompt_tokens) for p in plans}
         self.stage_seconds: dict[str, float] = {}
+        self.first_published_at: float | None = None  # time.time() of this run's first publish
 
     def live(self, wave: list[PromptPlan] | None = None) -> list[PromptPlan]:
         """Prompts still in the run (of `wave` when given)."""
@@ -79,6 +81,7 @@ def synthesize(run: Run, runner, store: Store, wave: list[PromptPlan]) -> None:
     print(format_summaries(results), flush=True)
     for pid, r in results.items():
         run.out[pid].seconds["synth"] = round((time.time() - t0) / max(1, len(live)), 2)
+        run.out[pid].model_seconds["synth"] = r.get("model_s", 0.0)
         if "error" in r:
             run.fail(pid, "synth", r["error"])
     run.stage_done("synth", t0, wave)
@@ -98,6 +101,9 @@ def train(run: Run, runner, store: Store, cfg: GenpiConfig, wave: list[PromptPla
         g0 = time.time()
         for o in runner.train(gcfg, store, jobs, run_name=f"train-{run.id}-{name}{i}"):
             run.out[o.prompt_id].seconds["train"] = round((time.time() - g0) / max(1, len(jobs)), 2)
+            if o.stats.get("pack_seconds") is not None:  # train.json: seconds in the pack's steps
+                run.out[o.prompt_id].model_seconds["train"] = round(
+                    o.stats["pack_seconds"] / max(1, o.stats.get("pack_size", 1)), 3)
             if o.status == "failed":
                 run.fail(o.prompt_id, "train", o.error or "training failed")
     run.stage_done("train", t0, wave)
@@ -111,10 +117,13 @@ def evaluate_and_publish(run: Run, runner, store: Store, wave: list[PromptPlan])
         for pid, ev, error, seconds in runner.evaluate(list(by_id.values()), store):
             o = run.out[pid]
             o.seconds["eval"] = round(seconds, 2)
+            o.model_seconds["eval"] = round(seconds, 3)
             if error:
                 run.fail(pid, "eval", error)
                 continue
             stages.publish(store, by_id[pid], ev, o)
+            if run.first_published_at is None:
+                run.first_published_at = time.time()
     except ResourceError as e:
         run.fail_all("eval", f"ResourceError: {e}", wave)
     run.stage_done("eval", t0, wave)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from genpi.pipeline.records import STAGES
 from genpi.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,19 @@ def format_finish(outcomes, report: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def run_figures(run, started_at: float) -> dict:
+    """The scale figures of a run: the driver's peak memory (Linux ru_maxrss is in KiB), the
+    seconds inside model calls per stage summed over prompts, and the seconds from the run's
+    start to its first publish (None when it published nothing)."""
+    import resource
+
+    model = {s: round(sum(o.model_seconds.get(s, 0.0) for o in run.outcomes()), 2) for s in STAGES}
+    first = run.first_published_at
+    return {"driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "model_seconds": model,
+            "first_published_s": round(first - started_at, 2) if first is not None else None}
+
+
 def finish_report(store: Store, run, manifest: str, seconds: float, started_at: float) -> int:
     """Write the run report, print the summary; the exit status (0 all published/unchanged, 1 some failed)."""
     from genpi.eval.report import write_run_report
@@ -47,7 +61,7 @@ def finish_report(store: Store, run, manifest: str, seconds: float, started_at: 
     outcomes = run.outcomes()
     counts = {s: sum(o.status == s for o in outcomes) for s in ("published", "skipped", "failed")}
     extra = {"started_at": started_at, "store": store.uri, "manifest": str(manifest), "counts": counts,
-             "stages": run.stage_seconds}
+             "stages": run.stage_seconds, **run_figures(run, started_at)}
     run_dir, text = write_run_report(store, run.plans, outcomes, seconds, run_id=run.id, extra=extra)
     if len(outcomes) <= MAX_PRINTED_REPORT:
         print(text)
