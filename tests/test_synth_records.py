@@ -136,13 +136,16 @@ def test_prompt_groups_are_small_balanced_and_keep_the_order():
     assert sizes(9, 1) == [3, 3, 3]
 
 
-def test_the_run_report_has_the_scale_figures(tiny_overrides, write_manifest, tmp_path):
+def test_the_run_report_has_the_scale_figures(tiny_overrides, write_manifest, tmp_path, capfd):
     """report.json's top level: driver_peak_rss_mb, model_seconds per stage, first_published_s."""
     from genpi.pipeline.run import internalize
 
     store = tmp_path / "store"
     cfg = load_config(None, [*tiny_overrides, f"store={store}"])
     assert internalize(str(write_manifest()), cfg, "local") == 0
+    # A pass of one prompt shows its rows as they are done, not only the prompt at its end.
+    err = capfd.readouterr().err
+    assert "replies: pirate" in err and "row" in err, err[-2000:]
     [path] = list((store / "runs").glob("*/report.json"))
     report = json.loads(path.read_text())
     assert report["driver_peak_rss_mb"] > 100  # torch and a model were loaded in this process

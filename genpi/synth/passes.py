@@ -17,6 +17,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from genpi.config import GenpiConfig
 from genpi.engines.base import ChatRequest, Engine
 from genpi.manifest import PromptEntry
@@ -76,6 +78,11 @@ def run_pass(engine: Engine, pass_name: str, jobs: list[SynthJob], store: Store,
         rows += made
     outs: dict[str, list[Row]] = defaultdict(list)
     n = batch_rows(p.stage, getattr(engine, "batch_size", 8))
+    # Rows done within this call: the driver's bar counts whole prompts, so a run of one
+    # prompt would otherwise show nothing for the minutes a pass takes (as evaluation does,
+    # from an actor too; transient, and at most one update per 5 s).
+    bar = tqdm(total=len(rows), desc=f"{pass_name}: {', '.join(recs)[:60]}", unit="row", leave=False,
+               mininterval=5, disable=not rows)
     for start in range(0, len(rows), n):
         batch = rows[start : start + n]
         t0 = time.perf_counter()
@@ -87,6 +94,8 @@ def run_pass(engine: Engine, pass_name: str, jobs: list[SynthJob], store: Store,
             recs[pid]["model_s"] += seconds * k / len(batch)
         for out in results:
             outs[out["prompt_id"]].append(out)
+        bar.update(len(batch))
+    bar.close()
     for pid in dict.fromkeys(r["prompt_id"] for r in rows):
         rec, got = recs[pid], outs.pop(pid, [])
         rec["tokens"] = sum(o.get("tokens", 0) for o in got)
