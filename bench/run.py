@@ -12,6 +12,7 @@ the others go on), each printing its figure next to its baseline measured in the
   synth       bench/synth.py       batched role-play vs one call per conversation
   train       bench/train.py       packed multi-LoRA vs one adapter at a time with PEFT
   serve       bench/serve.py       adapter without prompt vs prompted base, over HTTP
+  serve_autoscale  bench/serve_autoscale.py  load adds a replica, idle removes it (timeline)
   scale       bench/scale.py       the batch job over 50/100/300 real prompts (tiny model): its own
                                    overhead per prompt, first adapter, driver memory, growth (hours
                                    on 2 CPU cores: 10 prompts took 11.5 min, evaluation ~35 s each)
@@ -50,6 +51,7 @@ def sections(gpu: bool) -> dict[str, list[tuple[str, list[str]]]]:
         "synth": [("cpu", ["synth.py", "--conversations", "8", "--turns", "2", "--new-tokens", "16"])],
         "train": [("cpu", ["train.py", "--device", "cpu", "--threads", "2"])],
         "serve": [("cpu", ["serve.py", "--repeats", "2", "--max-tokens", "16"])],
+        "serve_autoscale": [("cpu", ["serve_autoscale.py", "--quick"])],
         "scale": [("cpu", ["scale.py"])],
     }
     if gpu:

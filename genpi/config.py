@@ -211,6 +211,10 @@ class ServeConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=4, gt=0)
+    # How long the load must stay above (below) the target before a replica is added
+    # (removed); None = Ray Serve's defaults (30 s up, 600 s down).
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
     cpus_per_replica: float = Field(default=1, ge=0)
     gpus_per_replica: float = Field(default=0, ge=0)
     # Requests one model replica accepts at once (queued beyond this in the proxy/router).

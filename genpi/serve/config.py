@@ -58,11 +58,14 @@ def base_model_name(cfg: GenpiConfig) -> str:
 # ---- Ray Serve (CPU path) ---------------------------------------------------------------
 def autoscaling(cfg: GenpiConfig) -> dict[str, Any]:
     s = cfg.serve
+    delays = {k: v for k, v in (("upscale_delay_s", s.upscale_delay_s), ("downscale_delay_s", s.downscale_delay_s))
+              if v is not None}  # unset: Ray Serve's own defaults, and the YAML stays short
     return {
         "min_replicas": s.min_replicas,
         "initial_replicas": max(s.min_replicas, 1),
         "max_replicas": s.max_replicas,
         "target_ongoing_requests": s.target_ongoing_requests,
+        **delays,
     }
 
 
