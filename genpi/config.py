@@ -87,6 +87,13 @@ class SynthConfig(_Strict):
     # Near-duplicate removal of pseudo inputs: word-shingle Jaccard similarity at or above
     # this counts as the same input (1.0 = exact duplicates only).
     near_dup_threshold: float = Field(default=0.7, gt=0, le=1)
+    # Input diversity: each input-generation call asks for inputs on topics drawn from
+    # genpi/data/topics.txt (everyday subjects, several styles, lengths and languages), this
+    # many distinct topics per prompt in all; 0 = off (the generator picks its own topics).
+    seed_topics: int = Field(default=0, ge=0)
+    # Long prompts (over 500 tokens): inputs are also generated for each section of the
+    # prompt (its rules, demonstrations, tools), up to this many sections; 0 = off.
+    section_inputs: int = Field(default=0, ge=0)
     # Diversity target: distinct inputs as a share of the requested count; below it the
     # synthesis summary flags the prompt (a prompt the model cannot vary on).
     min_diversity: float = Field(default=0.5, ge=0, le=1)
@@ -128,6 +135,11 @@ class TrainConfig(_Strict):
     # Stop an adapter early when its training loss has not improved for this many epochs
     # (None = never); the others in its pack go on.
     early_stop_patience: int | None = Field(default=None, ge=1)
+    # Held-out KL per prompt: this many training inputs (with their teacher top-k) are kept
+    # out of training and scored after every epoch; the adapter kept is the epoch with the
+    # lowest validation KL, and early_stop_patience counts epochs without it improving.
+    # 0 = off (the last epoch is kept; early stopping reads the training loss).
+    val_inputs: int = Field(default=0, ge=0)
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
@@ -299,7 +311,8 @@ class GenpiConfig(_Strict):
 # serve.* never enter a fingerprint at all.)
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
 # Settings added later, with the default that reproduces what came before them.
-ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048}}
+ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
+               "train": {"val_inputs": 0}, "synth": {"seed_topics": 0, "section_inputs": 0}}
 
 
 # --------------------------------------------------------------------------- overrides
