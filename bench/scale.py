@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -56,6 +55,15 @@ OVERRIDES = [
 ]
 TARGETS = {"overhead_s_per_prompt": 0.5, "driver_peak_rss_mb": 1536.0, "first_published_share": 0.25}
 MODEL_STAGES = ("synth", "train", "eval")
+
+
+def _waves(n: int) -> int:
+    """Waves the job makes of n prompts at the default cluster settings (doubling sizes)."""
+    from genpi.config import GenpiConfig
+    from genpi.pipeline.plan import wave_sizes
+
+    c = GenpiConfig().cluster
+    return len(wave_sizes(n, c.wave_prompts, c.max_wave_prompts))
 
 
 # --- the workload ----------------------------------------------------------------------------
@@ -212,7 +220,7 @@ def figures(n: int, store: Path, job: Job, wall: float) -> dict:
     reg = registry(store)
     files = store_files(store)
     out: dict = {"n": n, "returncode": job.proc.returncode, "wall_s": round(wall, 2),
-                 "waves": math.ceil(n / 32), "counts": report.get("counts"), "published": len(reg)}
+                 "waves": _waves(n), "counts": report.get("counts"), "published": len(reg)}
     # First adapter: the report's figure (seconds after the run's started_at) moved to the
     # launch of the process, as wall time is; else the earliest registry published_at.
     if report.get("first_published_s") is not None and report.get("started_at"):

@@ -1,6 +1,6 @@
 """Issue 15 at scale: jobs/internalize_many.py over 100 real system prompts (S-IFEval, the shared
 manifest next to the checkout) on the tiny model, run as a user runs it (a local Ray of its
-own), in waves of cluster.wave_prompts (32: four waves), with 5 prompts made to fail at
+own), in waves (cluster.wave_prompts 32, then doubling: 32 and 68), with 5 prompts made to fail at
 different stages:
 
 - synthesis, input filter: a per-prompt override under which no input is usable;
@@ -25,11 +25,14 @@ from pathlib import Path
 
 import pytest
 
+from genpi.config import GenpiConfig
+from genpi.pipeline.plan import wave_sizes
+
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = REPO / "tests" / "scale_hooks"
 # GENPI_SCALE_N: fewer prompts to try the tests out quickly (at least 10; 100 is the issue's figure).
 N = int(os.environ.get("GENPI_SCALE_N", "100"))
-# Where the failing prompts sit, as shares of the manifest (5 of 100: in waves 1, 2, 2, 3 and 4).
+# Where the failing prompts sit, as shares of the manifest (5 of 100: in waves 1, 2, 2, 2 and 2).
 # Share -> (stage it fails at, what its error says, change to its manifest row).
 FAILURES = {
     0.05: ("synth", "no usable training inputs", {"overrides": {"synth.min_input_chars": 300, "synth.input_max_new_tokens": 8}}),
@@ -39,7 +42,7 @@ FAILURES = {
     0.97: ("eval", "injected evaluation failure", {}),
 }
 HOOKED = {0.50: "synth", 0.70: "train", 0.97: "eval"}
-WAVES = -(-N // 32)  # cluster.wave_prompts (default 32)
+WAVES = len(wave_sizes(N, GenpiConfig().cluster.wave_prompts, GenpiConfig().cluster.max_wave_prompts))
 
 
 @pytest.fixture(scope="module")

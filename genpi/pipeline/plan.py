@@ -24,6 +24,24 @@ MAX_PLAN_LINES = 20
 MAX_ODD_LINES = 15
 
 
+def wave_sizes(n: int, first: int, cap: int) -> list[int]:
+    """Sizes of the waves `n` prompts go through: `first`, then each twice the one before, up
+    to `cap` (or `first` if larger). A last wave under half the one before joins it (a tail
+    of a few prompts would pay a wave's fixed costs alone); the first wave is never enlarged."""
+    cap = max(cap, first)
+    sizes: list[int] = []
+    size = first
+    while n > 0:
+        take = min(size, n)
+        if sizes and len(sizes) > 1 and take < sizes[-1] / 2:
+            sizes[-1] += take
+        else:
+            sizes.append(take)
+        n -= take
+        size = min(size * 2, cap)
+    return sizes
+
+
 def tokenizer_identity(tok) -> str:
     blob = f"{type(tok).__name__}:{len(tok)}:{tok.chat_template}:{tok.eos_token}".encode()
     return hashlib.sha256(blob).hexdigest()[:16]
