@@ -13,10 +13,15 @@ import random
 import re
 import unicodedata
 from collections import Counter
+from typing import Sequence
 
 from genpi.config import SynthConfig
 from genpi.engines.base import ChatRequest
+from genpi.synth.sections import Section
+from genpi.synth.topics import TopicPlan, topic_plan
 
+# The section of inputs generated for the whole prompt (and of seeds), in input rows.
+WHOLE = "whole"
 _ITEM = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*•])\s*(.+?)\s*$")
 
 ASK = (
@@ -26,22 +31,50 @@ ASK = (
 )
 
 
-def input_requests(prompt: str, examples: list[str], cfg: SynthConfig, round_idx: int, n_calls: int) -> list[ChatRequest]:
-    """One batch of list-continuation requests; each call shows a different few-shot sample."""
+# Steering added to ASK (synth.seed_topics, synth.section_inputs); with both off ASK is sent as is.
+TOPIC_ASK = ("\nThis time, list messages about {topic} (as far as users of this assistant would bring it up)."
+             "\nStyle of the messages: {style}.")
+SECTION_ASK = ("\nThis time, list messages that would make the assistant apply this part of its instructions:"
+               '\n"""\n{section}\n"""')
+STYLE_ASK = "\nStyle of the messages: {style}."
+
+
+def _focus(call: int, topics: TopicPlan | None, sections: Sequence[Section]) -> tuple[str, dict]:
+    """What call number `call` (counted over all rounds of a prompt) asks for beyond ASK, and
+    its tag: with sections, even calls are for the whole prompt and odd ones for each section
+    in turn (half the budget each); whole-prompt calls go through the topics in turn."""
+    if sections and call % 2:
+        sec = sections[(call // 2) % len(sections)]
+        ask = SECTION_ASK.format(section=sec.shown())
+        return ask + (STYLE_ASK.format(style=topics.style(call)) if topics else ""), {"section": sec.label}
+    k = call // 2 if sections else call
+    tag = {"section": WHOLE} if sections else {}
+    if topics is None:
+        return "", tag
+    return TOPIC_ASK.format(topic=topics.topic(k), style=topics.style(call)), {**tag, "topic": topics.topic(k)}
+
+
+def input_requests(prompt: str, examples: list[str], cfg: SynthConfig, round_idx: int, n_calls: int,
+                   first_call: int = 0, sections: Sequence[Section] = ()) -> list[ChatRequest]:
+    """One batch of list-continuation requests; each call shows a different few-shot sample.
+    `first_call`: calls this prompt made in earlier rounds (topics and sections rotate over
+    all of them); `sections`: the prompt's sections (genpi.synth.sections), or none."""
+    topics = topic_plan(prompt, cfg.seed, cfg.seed_topics)
     reqs = []
     for call in range(n_calls):
         rnd = random.Random(cfg.seed * 100_003 + round_idx * 1_009 + call)
         shown = rnd.sample(examples, min(3, len(examples))) if examples else []
         prefix = "".join(f"{k + 1}. {x}\n" for k, x in enumerate(shown)) + f"{len(shown) + 1}."
+        extra, tag = _focus(first_call + call, topics, sections)
         reqs.append(
             ChatRequest(
-                messages=[{"role": "user", "content": ASK.format(prompt=prompt)}],
+                messages=[{"role": "user", "content": ASK.format(prompt=prompt) + extra}],
                 assistant_prefix=prefix,
                 max_new_tokens=cfg.input_max_new_tokens,
                 temperature=cfg.input_temperature,
                 top_p=cfg.input_top_p,
                 seed=cfg.seed * 7919 + round_idx * 131 + call,
-                tag={"first_item": len(shown) + 1},
+                tag={"first_item": len(shown) + 1, **tag},
             )
         )
     return reqs
@@ -188,10 +221,12 @@ class InputPool:
         self._keys: set[str] = set()
         self._shingles: list[set[str]] = []
         self.dropped: Counter[str] = Counter()
+        # text -> what it was generated for ({"section": ..., "topic": ...}), when steered.
+        self.meta: dict[str, dict[str, str]] = {}
         for s in seeds:
             self.add(s, "seed")
 
-    def add(self, text: str, source: str) -> bool:
+    def add(self, text: str, source: str, meta: dict[str, str] | None = None) -> bool:
         reason = degenerate_reason(text, self.cfg)
         key = normalise(text)
         if reason is None and key in self._keys:
@@ -206,6 +241,8 @@ class InputPool:
         self._keys.add(key)
         self._shingles.append(words)
         self.items.append((text, source))
+        if meta:
+            self.meta[text] = meta
         return True
 
     def texts(self) -> list[str]:
@@ -226,7 +263,16 @@ def split_inputs(pool: InputPool, n_train: int, n_heldout: int, seed: int) -> tu
         generated = generated + extra
     held = generated[:n_heldout]
     train = (seeds + generated[n_heldout:])[:n_train]
-    return (
-        [{"input": t, "source": s, "split": "train"} for t, s in train],
-        [{"input": t, "source": s, "split": "heldout"} for t, s in held],
-    )
+    # Steered generation adds a column per tag (the same ones in every row, as Parquet needs);
+    # unsteered rows are exactly as before.
+    keys = sorted({k for m in pool.meta.values() for k in m})
+
+    def row(t: str, s: str, split: str) -> dict:
+        m = pool.meta.get(t, {})
+        return {"input": t, "source": s, "split": split, **{k: m.get(k, _META_DEFAULT.get(k, "")) for k in keys}}
+
+    return [row(t, s, "train") for t, s in train], [row(t, s, "heldout") for t, s in held]
+
+
+# What a seed (or an input made before a tag existed) is marked with.
+_META_DEFAULT = {"section": WHOLE, "topic": ""}

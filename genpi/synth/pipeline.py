@@ -161,8 +161,12 @@ def _summary(j: SynthJob, store: Store, timings: dict[str, float]) -> dict:
     conv_path = f"{sdir}/conversations.parquet"
     convs = _columns(store, conv_path, ["end_reason", "agent_turns"]) if store.exists(conv_path) else []
     ended = Counter(c["end_reason"] for c in convs)
+    inputs = store.read_json(f"{sdir}/inputs_stats.json")
+    # The inputs' diversity beside the human-written set's (genpi.synth.diversity), on its own.
+    diversity = inputs.pop("diversity_vs_human", None)
     return {
-        "inputs": store.read_json(f"{sdir}/inputs_stats.json"),
+        "inputs": inputs,
+        **({"diversity": diversity} if diversity else {}),
         "to_be_replies": len(to_be),
         "to_be_empty": sum(1 for r in to_be if not r["text"].strip()),
         "to_be_truncated": sum(1 for r in to_be if r["finish_reason"] == "length"),

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable
 
 from genpi.config import SynthConfig
 from genpi.engines.base import ChatRequest, Completion, Engine
 from genpi.synth import inputs as inp
+from genpi.synth import sections as sec
+from genpi.synth.diversity import versus_human
 from genpi.synth.roleplay import Conversation, run_roleplay
 
 Row = dict[str, Any]
@@ -31,49 +33,69 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
     state = []
     for r in rows:
         cfg = SynthConfig(**r["synth"])
-        state.append({"row": r, "cfg": cfg, "pool": inp.InputPool(cfg, list(r["seeds"])), "rounds": 0,
-                      "need": cfg.n_train_inputs + cfg.n_heldout_inputs, "tokens": 0})
+        s = {"row": r, "cfg": cfg, "pool": inp.InputPool(cfg, list(r["seeds"])), "rounds": 0, "calls": 0,
+             "need": cfg.n_train_inputs + cfg.n_heldout_inputs, "tokens": 0, "sections": []}
+        if cfg.section_inputs:
+            n_tok, counted = sec.prompt_tokens(r["prompt"], getattr(engine, "tok", None))
+            s["sections"] = sec.prompt_sections(r["prompt"], cfg.section_inputs, n_tok)
+            s["prompt_tokens"] = {"tokens": n_tok, "counted_by": counted}
+        state.append(s)
     batch = getattr(engine, "batch_size", 8)
     while True:
-        short = [s for s in state if len(s["pool"].items) < s["need"] and s["rounds"] < s["cfg"].max_input_rounds]
+        # A prompt with sections has one round even when its seeds are enough: every section
+        # gets its inputs.
+        short = [s for s in state if s["rounds"] < s["cfg"].max_input_rounds and
+                 (len(s["pool"].items) < s["need"] or (s["sections"] and not s["rounds"]))]
         if not short:
             break
-        # Enough calls for each shortfall at ~6 usable items per call; the total is rounded up
+        # Enough calls for each shortfall at ~6 usable items per call (and, the first time, two
+        # per section: one for the whole prompt, one for the section); the total is rounded up
         # to whole engine batches (a nearly empty last batch costs almost a full one).
-        calls = [-(-(s["need"] - len(s["pool"].items)) // 6) for s in short]
+        calls = [max(-(-(s["need"] - len(s["pool"].items)) // 6), 0 if s["rounds"] else 2 * len(s["sections"]))
+                 for s in short]
         spare = -(-sum(calls) // batch) * batch - sum(calls)
         for i in range(spare):
             calls[i % len(calls)] += 1
         reqs, owner = [], []
         for s, n in zip(short, calls):
-            new = inp.input_requests(s["row"]["prompt"], s["pool"].texts(), s["cfg"], s["rounds"], n)
+            new = inp.input_requests(s["row"]["prompt"], s["pool"].texts(), s["cfg"], s["rounds"], n,
+                                     first_call=s["calls"], sections=s["sections"])
+            s["calls"] += n
             reqs += new
             owner += [s] * len(new)
-        for s, c in zip(owner, engine.generate(reqs)):
+        for s, r, c in zip(owner, reqs, engine.generate(reqs)):
             s["tokens"] += len(c.token_ids)
+            meta = {k: v for k, v in r.tag.items() if k != "first_item"}
             for item in inp.parse_items(c.text):
-                s["pool"].add(item, "generated")
+                s["pool"].add(item, "generated", meta)
         for s in short:
             s["rounds"] += 1
-    out = []
-    for s in state:
-        cfg, pool = s["cfg"], s["pool"]
-        train, held = inp.split_inputs(pool, cfg.n_train_inputs, cfg.n_heldout_inputs, cfg.seed)
-        diversity = len(pool.items) / s["need"]
-        stats = {
-            "kept": len(pool.items),
-            "wanted": s["need"],
-            "seeds": len(s["row"]["seeds"]),
-            "rounds": s["rounds"],
-            "dropped": dict(pool.dropped),
-            "train": len(train),
-            "heldout": len(held),
-            "diversity": round(diversity, 3),
-            "below_diversity_target": diversity < cfg.min_diversity,
-        }
-        out.append({"prompt_id": s["row"]["prompt_id"], "inputs": train + held, "stats": stats,
-                    "tokens": s["tokens"]})
-    return out
+    return [_inputs_out(s) for s in state]
+
+
+def _inputs_out(s: dict) -> Row:
+    cfg, pool = s["cfg"], s["pool"]
+    train, held = inp.split_inputs(pool, cfg.n_train_inputs, cfg.n_heldout_inputs, cfg.seed)
+    diversity = len(pool.items) / s["need"]
+    stats = {
+        "kept": len(pool.items),
+        "wanted": s["need"],
+        "seeds": len(s["row"]["seeds"]),
+        "rounds": s["rounds"],
+        "dropped": dict(pool.dropped),
+        "train": len(train),
+        "heldout": len(held),
+        "diversity": round(diversity, 3),
+        "below_diversity_target": diversity < cfg.min_diversity,
+        # The written inputs beside the human-written set (synth/summary.json "diversity").
+        "diversity_vs_human": versus_human([r["input"] for r in train + held]),
+    }
+    if cfg.section_inputs:
+        stats["prompt_tokens"] = s["prompt_tokens"]
+        stats["sections"] = {x.label: sum(r.get("section") == x.label for r in train + held) for x in s["sections"]}
+    if cfg.seed_topics:
+        stats["topics"] = dict(Counter(r["topic"] for r in train + held if r.get("topic")))
+    return {"prompt_id": s["row"]["prompt_id"], "inputs": train + held, "stats": stats, "tokens": s["tokens"]}
 
 
 # --- 2. one generation request per row ------------------------------------------------------
