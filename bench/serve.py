@@ -24,6 +24,13 @@ multiplexer's misses), slot loads and evictions.
 
     python bench/serve.py --quick              # the load rows only, on a tiny random model
     python bench/serve.py --load-only          # the load rows only, on SmolLM2 (or --model)
+    python bench/serve.py --quick --s3         # every row with the store on an S3 server (moto, 127.0.0.1)
+
+With --s3 the published store is copied to a real S3-compatible server on 127.0.0.1 and
+served from there (bench/serve_store.py); each arm's replica starts with an empty local
+adapter folder, so its first read of an adapter is a download. Either way the rows report
+the replica's adapter reads (first read vs read again after an eviction, mean and p95), and
+the time to load one adapter with nothing else running, from the local store and the S3 one.
 
 The adapters are made first by the real pipeline with small synthesis/training settings
 (their quality does not change their cost: the LoRA shapes are those of the config), and
@@ -33,6 +40,7 @@ the prompted base with prefix caching, belongs here; it is "not measured" on thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -214,10 +222,14 @@ def _replica_stats() -> dict:
 
 
 def _cache_figures(before: dict, after: dict) -> dict:
-    """What a row cost the replica's adapter cache: reads (multiplexer misses), slot loads, evictions."""
+    """What a row cost the replica's adapter cache: reads (multiplexer misses, and how long they
+    took: serve_store.read_figures), slot loads, evictions."""
+    from serve_store import read_figures
+
     d = {k: after[k] - before[k] for k in ("adapter_reads", "slot_hits", "slot_loads", "slot_evictions", "steps")}
     d["slot_hit_rate"] = d["slot_hits"] / max(1, d["slot_hits"] + d["slot_loads"])
-    d["adapter_read_ms_mean"] = after["adapter_read_ms_mean"]
+    d.update(read_figures(before, after))
+    d["adapter_read_ms_mean"] = (d["adapter_read_ms"] or {}).get("mean")
     d["max_rows_seen"] = after["max_rows_seen"]
     return d
 
@@ -232,6 +244,9 @@ def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, 
                 tail: list[str]) -> dict:
     """The batched replica vs one request at a time, same app, same load, one after the other:
     the 8-adapter row (warm cache), then the long-tail row over `tail` (cold: only those 8 read)."""
+    import shutil
+    import tempfile
+
     from ray import serve
 
     from genpi.serve.app import GenpiIngress
@@ -246,7 +261,10 @@ def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, 
     tail_rows: dict = {}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for arm, max_batch in (("batched", None), ("one_at_a_time", 1)):
-        model = GenpiAdapters.options(name=MODEL, **opts[MODEL]).bind(config, max_batch)
+        # An empty adapter folder per arm: on an object store each arm downloads what it reads.
+        cache_dir = tempfile.mkdtemp(prefix="genpi-bench-adapters-")
+        arm_config = {**config, "serve": {**config["serve"], "adapter_cache_dir": cache_dir}}
+        model = GenpiAdapters.options(name=MODEL, **opts[MODEL]).bind(arm_config, max_batch)
         serve.run(GenpiIngress.options(name=INGRESS, **opts[INGRESS]).bind(model, config), name=APP_NAME,
                   route_prefix="/")
         _load_arm(url, models, 1, 2)  # warm-up: every adapter read and in a slot
@@ -260,6 +278,7 @@ def _under_load(cfg, port: int, n_adapters: int, n_requests: int, clients: int, 
             tail_rows[arm]["cache"] = _cache_figures(s1, _replica_stats())
             print(f"{arm}, long tail: {tail_rows[arm]}")
         serve.delete(APP_NAME)
+        shutil.rmtree(cache_dir, ignore_errors=True)
     out = {"clients": clients, "adapters": n_adapters, "max_tokens": max_tokens, **rows, **_ratios(rows)}
     if picks:
         counts = sorted((picks.count(m) for m in set(picks)), reverse=True)
@@ -295,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--load-requests", type=int, default=None, help="requests per load arm (default 6 per client)")
+    ap.add_argument("--s3", action="store_true",
+                    help="serve from a copy of the store on an S3 server on 127.0.0.1 (moto; needs the dev extras)")
+    ap.add_argument("--load-time-adapters", type=int, default=50,
+                    help="adapters loaded one at a time from each store for the load-time figure")
     args = ap.parse_args(argv)
     if args.threads is None:
         # The tiny model runs fastest on one thread: with two on a busy 2-core machine each
@@ -318,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from genpi.serve.config import base_model_name
 
     from genpi.manifest import PromptEntry
+    from serve_store import load_times, print_reads, s3_store
 
     entries = {k: load_manifest(p)[0] for k, p in PROMPTS.items()}
     load_entries = [PromptEntry(id=f"bench-a{i}", prompt=f"Bench adapter {i}: answer briefly.")
@@ -335,15 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.load_only:
         _publish_untrained(args.model, args.store, list(entries.values()))
     _publish_untrained(args.model, args.store, load_entries + tail)
+    stores = contextlib.ExitStack()  # the S3 server, if any: up until Ray is shut down
+    store = stores.enter_context(s3_store(args.store)) if args.s3 else args.store
+    load_ms = load_times({"local": args.store, **({"s3": store} if args.s3 else {})}, args.load_time_adapters)
     port = _free_port()
-    cfg = load_config(None, [f"model.name={args.model}", f"store={args.store}", f"serve.port={port}",
+    cfg = load_config(None, [f"model.name={args.model}", f"store={store}", f"serve.port={port}",
                              f"serve.cpus_per_replica={args.threads}", "serve.cpus_per_ingress=0.1"])
     tok = load_tokenizer(cfg.model)
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "GENPI_CACHE": os.environ["GENPI_CACHE"]}})
     base = base_model_name(cfg)
     results: dict = {"model": args.model, "device": "cpu", "max_tokens": args.max_tokens, "repeats": args.repeats,
-                     "questions": QUESTIONS, "prompts": {}, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                     "questions": QUESTIONS, "prompts": {}, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "store": store, "adapter_load_ms": load_ms}
     try:
         n_load = args.load_requests or 6 * args.clients
         results["under_load"] = _under_load(cfg, port, args.adapters, n_load, args.clients, args.max_tokens,
@@ -387,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        stores.close()
 
     print(f"\nserving bench, {args.model} on CPU, {args.repeats} x {len(QUESTIONS)} requests per arm, "
           f"max_tokens={args.max_tokens}, one at a time through HTTP")
@@ -416,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         for arm in ("batched", "one_at_a_time"):
             _print_load(arm, lt[arm])
         print(f"batched / one at a time: {lt['requests_per_s_ratio']:.2f}x requests/s, p95 x{lt['p95_ratio']:.2f}")
+        for arm in ("batched", "one_at_a_time"):
+            print_reads(arm, "S3" if args.s3 else "local", lt[arm]["cache"])
+    print(f"one adapter loaded at a time, nothing else running ({args.load_time_adapters} adapters): " + "; ".join(
+        f"{k} store {v['mean']:.0f} ms mean, {v['p95']:.0f} ms p95" for k, v in load_ms.items() if v))
     print("(reads: adapter files read on a multiplexer miss; loads/evicts: batch slots; hits: slot hit rate; "
           "batch: most rows decoded together)")
     out = Path(args.out)
