@@ -335,6 +335,7 @@ def run(ns: list[int], model: str, work: Path, timeout_s: float, src: Path = MAN
         folder.mkdir(parents=True, exist_ok=True)
         manifest = derive_manifest(n, folder / "manifest.jsonl", src=src)
         store = folder / "store"
+        shutil.rmtree(store, ignore_errors=True)  # a reused --work folder: measure a fresh job, not a resume
         ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths
         print(f"\n=== {n} prompts (log: {folder / 'job.log'})", flush=True)
         job = Job(job_cmd(manifest, store, model), job_env(ray_tmp), folder / "job.log")

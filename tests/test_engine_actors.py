@@ -188,3 +188,32 @@ def test_no_resources_within_the_wait_names_the_stage_and_withdraws_the_demand(r
     runner.close()
     # The pending placement group (the autoscaler's demand) went with the error.
     assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+
+
+def test_the_evaluation_pool_stays_open_for_the_next_waves_synthesis(ray_local, tiny_model_dir, tmp_path):
+    """Waves: evaluation of wave k and synthesis of wave k+1 use one pool (one engine start per
+    wave, not two); training still closes it (its workers need those CPUs), and so does the end."""
+    from genpi.pipeline.plan import model_facts
+    from genpi.pipeline.ray_runner import RayRunner
+
+    cfg = load_config(None, [*TINY_OVERRIDES, f"model.name={tiny_model_dir}", f"store={tmp_path / 'store'}",
+                             "cluster.synth_actors=1", "cluster.cpus_per_engine_actor=1"])
+    store = Store(cfg.store)
+    runner = RayRunner(cfg, model_facts(cfg))
+    try:
+        pool = runner.synth_runner().pool
+        # Nothing was synthesized: the prompt fails in evaluation, on the pool's actor.
+        [(pid, ev, error, _)] = list(runner.evaluate(_plans(cfg)[:1], store))
+        assert pid == "pirate" and ev is None and "inputs.parquet" in error, error
+        assert runner._pool is pool and not pool._closed
+        assert runner.synth_runner().pool is pool
+        [info] = list(pool.map("info", [()], on_error=lambda args, e: pytest.fail(str(e))))
+        assert info["engines_built"] == 1 and info["calls"]["evaluate"] == 1, info
+        # A larger synthesis than the pool holds gets a new pool.
+        bigger = RayRunner(cfg.with_overrides({"cluster.synth_actors": 2}), model_facts(cfg))
+        bigger._pool, runner._pool = pool, None
+        assert bigger.synth_runner().pool is not pool and pool._closed
+        bigger.close()
+    finally:
+        runner.close()
+    assert runner._pool is None

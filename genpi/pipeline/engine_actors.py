@@ -122,7 +122,7 @@ class EnginePool:
         self._closed = False
         bundle = {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v}
         # An actor that asks for no resources needs no reservation (nor any waiting).
-        n = actors or c.synth_actors
+        n = self.size = actors or c.synth_actors
         self.pending = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(n)] if bundle else [None] * n
         try:
             self._wait_first(c.resource_wait_s)

@@ -1,12 +1,13 @@
 """The Ray runner (`jobs/internalize_many.py`): pools of long-lived engine actors for synthesis
 and evaluation (`genpi.pipeline.engine_actors`), Ray Train (+ DeepSpeed) for packed training.
 
-A pool lives for one stage: synthesis's 4 passes share its actors (one engine each), and with
-the transformers engine evaluation would use them too, but training runs in between and needs
-those CPUs/GPUs (on one machine every one of them; on an autoscaling cluster, holding GPU
-nodes idle through training costs more than building an engine again), so the pool is
-closed before training starts and evaluation creates its own. Closing a pool also withdraws
-the stage's resource demand from the autoscaler. A synthesis call carries a pass name and a
+A pool lives from one training to the next: synthesis's 4 passes share its actors (one engine
+each), but training runs after them and needs those CPUs/GPUs (on one machine every one of
+them; on an autoscaling cluster, holding GPU nodes idle through training costs more than
+building an engine again), so the pool is closed before training starts and evaluation
+creates its own. That pool stays open into the next wave's synthesis when the engine kind is
+the same (transformers), so a wave pays one engine start, not two. Closing a pool also
+withdraws the stage's resource demand from the autoscaler. A synthesis call carries a pass name and a
 few prompts' jobs; the actor reads and writes the store itself, so rows (top-k included)
 never travel between the driver and the actors.
 """
@@ -100,7 +101,7 @@ class RayRunner:
 
     def _engine_pool(self, stage: str, kind: str, actors: int | None = None) -> EnginePool:
         """The open pool if it holds `kind` engines, else a new one (the old one closed first)."""
-        if self._pool is not None and self._pool.kind == kind:
+        if self._pool is not None and self._pool.kind == kind and self._pool.size >= (actors or self.cfg.cluster.synth_actors):
             return self._pool
         self.release()
         check_resources(self.cfg, stage)
@@ -149,5 +150,7 @@ class RayRunner:
                         bar.update(1)
                         ev = EvalResult.model_validate(r["eval"]) if "eval" in r else None
                         yield r["prompt_id"], ev, r.get("error"), r["seconds"]
-        finally:
-            self.release()  # the last stage that needs engine actors
+        except BaseException:
+            self.release()
+            raise
+        # The pool stays open: the next wave's synthesis uses it (the job's end closes it).
