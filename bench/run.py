@@ -14,8 +14,8 @@ the others go on), each printing its figure next to its baseline measured in the
   serve       bench/serve.py       adapter without prompt vs prompted base, over HTTP
   serve_autoscale  bench/serve_autoscale.py  load adds a replica, idle removes it (timeline)
   scale       bench/scale.py       the batch job over 50/100/300 real prompts (tiny model): its own
-                                   overhead per prompt, first adapter, driver memory, growth (hours
-                                   on 2 CPU cores: 10 prompts took 11.5 min, evaluation ~35 s each)
+                                   overhead per prompt, first adapter, driver memory, growth (~15 min
+                                   on 2 idle CPU cores: 300 prompts took 7.4 min)
 GPU arms run when CUDA is present (torch.cuda.is_available()) and are written "not measured"
 otherwise, saying why: no GPU on the machine that ran it, or no GPU arm for that section.
 bench/gpu_check.sh runs the GPU arms with the GPU tests in one command. Results:

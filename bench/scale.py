@@ -1,6 +1,6 @@
 """Scale: the batch job over hundreds of real prompts, on a tiny model, to measure the job itself.
 
-    python bench/scale.py                   # N = 50, 100, 300 prompts (about an hour on 2 CPU cores)
+    python bench/scale.py                   # N = 50, 100, 300 prompts (~15 min on 2 idle CPU cores)
     python bench/scale.py --n 50,100        # chosen sizes
     python bench/scale.py --quick           # N = 10, 20 (a test runs this)
 
