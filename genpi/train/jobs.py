@@ -184,7 +184,8 @@ def _train_pack_here(cfg: GenpiConfig, store, jobs: list[TrainJob], sets, model,
                            {"workers": 1, "zero_stage": None, "worker_memory": [peak_memory()],
                             "resumed_at_pack_step": None})
         log.info("pack %d/%d trained: %s (%.0f tokens/s)", pack_index + 1, n_packs,
-                 ", ".join(f"{k}: {s['stop_reason']}" for k, s in stats.items()),
+                 ", ".join(f"{k}: {s['stop_reason']}" + (f", kept epoch {s['chosen_epoch']} (held-out KL)"
+                                                          if s["val_inputs"] else "") for k, s in stats.items()),
                  prog.tokens / max(prog.seconds, 1e-9))
         return stats
     finally:

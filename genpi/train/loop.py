@@ -29,18 +29,35 @@ log = logging.getLogger(__name__)
 class TrainingSet:
     examples: list[tuple[str, EncodedExample]] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    # Held-out validation (train.val_inputs): one example per validation input -- its greedy
+    # teacher reply with the teacher's top-k, scored by genpi.train.validation. No example
+    # built from those inputs is in `examples`. `val_info` goes into train.json.
+    val: list[EncodedExample] = field(default_factory=list)
+    val_info: dict = field(default_factory=dict)
 
     def tokens(self) -> int:
         return sum(len(ex) for _, ex in self.examples)
 
 
 def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingSet:
-    """Encode the synthesized data of one prompt; drop (and count) what cannot be used."""
+    """Encode the synthesized data of one prompt; drop (and count) what cannot be used.
+    With train.val_inputs, some inputs are held out first (:func:`_hold_out`)."""
     out = TrainingSet()
+    held_idx, held_text = _hold_out(tok, synth, prompt, cfg, out)
+
+    def held(r: dict) -> bool:
+        # By text too: an input that synthesis wrote twice must not leak through its twin.
+        if r["input_idx"] in held_idx or r["input"] in held_text:
+            out.val_info["val_held_out_examples"] += 1
+            return True
+        return False
+
     # A role-play conversation starts with the greedy teacher reply to its input and goes on
     # for more turns: it replaces that single-turn example (the first turn is the same).
     convs = {c["input_idx"]: c for c in synth.get("conversations") or [] if c["agent_turns"] > 1}
-    for r in synth["to_be"]:
+    for r in synth["to_be"]:  # greedy and sampled replies; a conversation replaces its greedy one
+        if held(r):
+            continue
         if not r["text"].strip():
             out.dropped["empty_reply"] += 1
             continue
@@ -64,6 +81,8 @@ def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingS
         greedy = {r["input_idx"]: r["text"] for r in synth["to_be"] if r["sample"] == 0}
         reasons = {r["input_idx"]: r["reason"] for r in synth["reasons"]}
         for i, r in enumerate(synth["as_is"]):
+            if held(r):
+                continue
             msgs = pg_messages(r["input"], r["text"], greedy.get(r["input_idx"], ""), target, reasons.get(i, ""))
             try:
                 out.examples.append(("pg", encode_chat(tok, msgs, cfg.pg_max_length)))
@@ -72,6 +91,39 @@ def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingS
                 out.dropped["pg_too_long"] += 1
                 log.warning("prompt-generation example dropped: %s", e)
     return out
+
+
+def _hold_out(tok, synth: dict, prompt: str, cfg: TrainConfig, out: TrainingSet) -> tuple[set[int], set[str]]:
+    """Choose train.val_inputs validation inputs among those whose greedy teacher reply has
+    top-k rows and encodes; put their examples in ``out.val``; return (indices, texts) held out.
+
+    The choice is seeded by train.seed and the prompt: every rank, and a rerun, holds out the
+    same inputs. A prompt with fewer than val_inputs + 1 usable inputs (training needs one)
+    trains on all of them, without validation; ``out.val_info`` says so."""
+    n = cfg.val_inputs
+    if n <= 0:
+        return set(), set()
+    usable: dict[int, tuple[str, EncodedExample]] = {}
+    for r in synth["to_be"]:
+        if r["sample"] != 0 or r.get("topk_ids") is None or not r["text"].strip():
+            continue
+        try:
+            ex = encode_chat(tok, [*student_messages(r["input"]), _message({"role": "assistant", **r})],
+                             cfg.max_length)
+        except ValueError:  # too long or unencodable: counted when the training examples are built
+            continue
+        if ex.kl_ids is not None and any(ex.kl_mask):
+            usable[r["input_idx"]] = (r["input"], ex)
+    if len(usable) < n + 1:
+        note = (f"{len(usable)} usable inputs (greedy teacher reply with top-k) for train.val_inputs={n}, "
+                f"{n + 1} needed: trained without validation")
+        out.val_info = {"val_off": note}
+        log.warning("%s", note)
+        return set(), set()
+    chosen = sorted(random.Random(f"genpi-val:{cfg.seed}:{prompt}").sample(sorted(usable), n))
+    out.val = [usable[i][1] for i in chosen]
+    out.val_info = {"val_held_out_examples": 0}
+    return set(chosen), {usable[i][0] for i in chosen}
 
 
 def _message(m: dict) -> dict:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from genpi.config import TrainConfig
+from genpi.train import validation
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
 from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl
@@ -160,6 +161,18 @@ class PackProgress:
     pack_steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    # Held-out KL (train.val_inputs, genpi.train.validation), per adapter: the KL after each
+    # epoch ([] without validation) and the epoch (1-based) with the lowest, None before any.
+    val_kl: list[list[float]] = field(default_factory=list)
+    best_epoch: list[int | None] = field(default_factory=list)
+    # That epoch's LoRA weights, by slot, on the host: tensors, so not in to_dict (JSON); the
+    # Ray runner checkpoints them beside progress.json (validation.save_best / load_best).
+    best_weights: dict[int, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Progress saved before held-out KL existed has neither list.
+        self.val_kl = self.val_kl or [[] for _ in self.step]
+        self.best_epoch = self.best_epoch or [None] * len(self.step)
 
     @classmethod
     def start(cls, totals: list[int]) -> "PackProgress":
@@ -168,7 +181,7 @@ class PackProgress:
                    [[] for _ in range(k)], [0.0] * k, [0] * k, [[] for _ in range(k)])
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "best_weights"}
 
 
 def member_batches(ts: TrainingSet, cfg: TrainConfig) -> list[tuple[int, str, list[EncodedExample]]]:
@@ -269,12 +282,16 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
 
     Plain torch: pass ``optimizer`` (a :class:`PackedAdamW` over ``pack.parameters()``).
     DeepSpeed: pass ``engine`` (its optimizer wraps a PackedAdamW); backward/step go through it.
-    ``progress`` resumes a checkpointed pack; ``on_step`` sees the progress after each step."""
+    ``progress`` resumes a checkpointed pack; ``on_step`` sees the progress after each step.
+    Adapters with validation examples (``ts.val``) are scored after each epoch and end with
+    the weights of their best epoch (:mod:`genpi.train.validation`)."""
     opt = optimizer if engine is None else engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps ours
     device = next(iter(pack.parameters())).device
     plans = [member_batches(m.ts, cfg) for m in members]
     prog = progress or PackProgress.start([len(p) for p in plans])
+    vals = {i: m.ts.val for i, m in enumerate(members) if m.ts.val}
+    validation.forget_unsaved(prog)
     weights = (cfg.w_sft, cfg.w_pg, cfg.w_kl)
     backward = None
     if engine is not None:
@@ -299,6 +316,7 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
             opt.zero_grad(set_to_none=True)
         prog.tokens += sum(len(ex) for _, _, ex in samples)
         losses, means = joint_loss(sums, counts, weights)
+        ended = []
         for i in active:
             epoch, kind = plans[i][prog.step[i]][:2]
             logs = {"step": prog.step[i], "epoch": epoch, "kind": kind, "loss": float(losses[i]),
@@ -310,11 +328,19 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
             prog.step[i] += 1
             last_of_epoch = prog.step[i] == prog.total[i] or plans[i][prog.step[i]][0] != epoch
             if last_of_epoch:
-                _end_epoch(prog, i, cfg)
+                ended.append(i)
+        scored = [i for i in ended if i in vals]
+        if scored:  # after the step: the weights the epoch ended with
+            kl = validation.score(model, pack, {i: vals[i] for i in scored}, cfg, pad_id, device, rank, world)
+            for i in scored:
+                validation.record(prog, pack, i, kl[i])
+        for i in ended:
+            _end_epoch(prog, i, cfg)
         prog.pack_steps += 1
         prog.seconds += time.time() - t0
         if on_step:
             on_step(prog)
+    validation.restore_best(pack, prog)
     return prog
 
 
@@ -325,9 +351,10 @@ def _end_epoch(prog: PackProgress, i: int, cfg: TrainConfig) -> None:
         prog.done[i], prog.stop_reason[i] = True, "finished"
         return
     patience = cfg.early_stop_patience
-    losses = prog.epoch_losses[i]
+    # With validation, the held-out KL decides; without, the training loss.
+    losses, what = (prog.val_kl[i], ", val_kl") if prog.val_kl[i] else (prog.epoch_losses[i], "")
     if patience and len(losses) > patience and min(losses[-patience:]) >= min(losses[:-patience]):
-        prog.done[i], prog.stop_reason[i] = True, f"early_stop(epoch {len(losses)})"
+        prog.done[i], prog.stop_reason[i] = True, f"early_stop(epoch {len(losses)}{what})"
 
 
 def adapter_stats(prog: PackProgress, i: int, member: PackMember) -> dict:
@@ -342,6 +369,11 @@ def adapter_stats(prog: PackProgress, i: int, member: PackMember) -> dict:
         "examples": dict(Counter(k for k, _ in member.ts.examples)),
         "dropped": dict(member.ts.dropped),
         "epoch_losses": prog.epoch_losses[i],
+        # The adapter written is this epoch's (1-based): the lowest held-out KL, else the last.
+        "chosen_epoch": prog.best_epoch[i] or len(prog.epoch_losses[i]),
+        "val_inputs": len(member.ts.val),
+        "val_kl": prog.val_kl[i],
+        **member.ts.val_info,
         "first_loss": hist[0]["loss"] if hist else math.nan,
         "last_loss": sum(h["loss"] for h in hist[-5:]) / max(1, len(hist[-5:])),
         "history": hist,

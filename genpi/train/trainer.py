@@ -114,6 +114,7 @@ def _worker(config: dict) -> None:
     from genpi.models import load_model
     from genpi.store import Store
     from genpi.train.packed import PackProgress
+    from genpi.train.validation import load_best
 
     cfg = GenpiConfig.model_validate(config["cfg"])
     store = Store(config["store_uri"])
@@ -136,6 +137,7 @@ def _worker(config: dict) -> None:
             saved = json.load(f)
         start_pack = saved["pack"]
         progress = PackProgress(**saved["progress"]) if saved["progress"] else None
+        load_best(progress, resume_dir)  # the best epochs' weights (held-out KL), when saved
     total_steps = [0]
 
     for p in range(start_pack, len(packs)):
@@ -244,12 +246,15 @@ def _checkpoint(engine, pack_index: int, prog, metrics: dict) -> None:
     """Report a checkpoint: trainable state only (never the frozen base) + progress.json."""
     import ray.train
 
+    from genpi.train.validation import save_best
+
     with tempfile.TemporaryDirectory(prefix="genpi-ckpt-") as d:
         if engine is not None:
             engine.save_checkpoint(d, tag="pack", exclude_frozen_parameters=True)
         if ray.train.get_context().get_world_rank() == 0:
             with open(os.path.join(d, "progress.json"), "w") as f:
                 json.dump({"pack": pack_index, "progress": prog.to_dict() if prog else None}, f)
+            save_best(prog, d)  # every rank holds the same copies
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
