@@ -118,10 +118,9 @@ def _ray_processes(ray_tmp: str) -> list[int]:
     return pids
 
 
-# Slow, far beyond the default suite: with GENPI_SCALE_N=10 this test took 6.6 min on 2 busy
-# cores; each evaluation costs ~35 s on the tiny model (its 49k-token SmolLM2 vocabulary: full-
-# vocabulary KL and plain-text perplexity) and each wave's Ray Train start 1-3 min, so 100
-# prompts take about an hour. Run with -m slow (GENPI_SCALE_N=10 to try it out).
+# Slow, beyond the default suite: 7 min at 100 prompts on 2 mostly idle cores (each wave pays
+# Ray Train's start and the engine actors' model load). Run with -m slow (GENPI_SCALE_N=10 to
+# try it out).
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
 def test_hundred_prompts_failures_are_isolated(scale, workload, tmp_path, tiny_model_dir):
@@ -141,7 +140,7 @@ def test_hundred_prompts_failures_are_isolated(scale, workload, tmp_path, tiny_m
         assert f"FAILED {pid} ({stage})" in log
 
 
-# Slow: a full run and a part of one (see above: about 1.3 h at 100 prompts).
+# Slow: a full run and a part of one (5.3 min at 100 prompts on 2 mostly idle cores).
 @pytest.mark.slow
 @pytest.mark.timeout(10800)
 def test_killed_after_first_publish_then_resumed(scale, workload, tmp_path, tiny_model_dir):
