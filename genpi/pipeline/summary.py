@@ -42,14 +42,14 @@ def format_finish(outcomes, report: str, seconds: float) -> str:
 
 
 def run_figures(run, started_at: float) -> dict:
-    """The scale figures of a run: the driver's peak memory (Linux ru_maxrss is in KiB), the
+    """The scale figures of a run: the driver's peak memory (genpi.procmem), the
     seconds inside model calls per stage summed over prompts, and the seconds from the run's
     start to its first publish (None when it published nothing)."""
-    import resource
+    from genpi.procmem import peak_rss_mb
 
     model = {s: round(sum(o.model_seconds.get(s, 0.0) for o in run.outcomes()), 2) for s in STAGES}
     first = run.first_published_at
-    return {"driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    return {"driver_peak_rss_mb": round(peak_rss_mb(), 1),
             "model_seconds": model,
             "first_published_s": round(first - started_at, 2) if first is not None else None}
 

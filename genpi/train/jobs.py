@@ -15,7 +15,6 @@ is the same file whichever runner trained it.
 from __future__ import annotations
 
 import logging
-import resource
 import tempfile
 import traceback
 from dataclasses import dataclass, field
@@ -99,7 +98,9 @@ def prepare_jobs(cfg: GenpiConfig, store, tok, jobs: list[TrainJob]):
 def peak_memory() -> dict[str, float]:
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from genpi.procmem import peak_rss_mb
+
+    out = {"peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
