@@ -1,13 +1,14 @@
 """Every benchmark that fits this machine, one after another, into one results file and table.
 
-    python bench/run.py                     # all sections (about 1.5 h on 2 CPU cores)
+    python bench/run.py                     # all sections (about 3 h on 2 CPU cores)
     python bench/run.py --only efficiency,train
     python bench/run.py --update-readme     # also replace the table between the README's markers
     genpi bench ...                         # the same command
 
 Sections, each a benchmark script run in its own process (a crash in one is recorded and
 the others go on), each printing its figure next to its baseline measured in the same run:
-  quality     bench/quality.py     8+ prompts x loss settings: internalization ratios, leak
+  quality     bench/quality.py     8+ prompts x settings (losses, held-out KL epoch, diverse inputs):
+                                   internalization ratios on held-out and human-written inputs, leak
   efficiency  bench/efficiency.py  tokens, prefill FLOPs, latency with vs without the prompt
   synth       bench/synth.py       batched role-play vs one call per conversation
   train       bench/train.py       packed multi-LoRA vs one adapter at a time with PEFT
@@ -46,7 +47,8 @@ README_BEGIN, README_END = "<!-- bench-table:begin -->", "<!-- bench-table:end -
 def sections(gpu: bool) -> dict[str, list[tuple[str, list[str]]]]:
     """{section: [(arm, argv of the script)]}; arms that need a GPU only where there is one."""
     cpu = {
-        "quality": [("cpu", ["quality.py"])],
+        # The loss settings and the quality options (held-out KL epoch, diverse inputs), side by side.
+        "quality": [("cpu", ["quality.py", "--settings", "joint,sft_pg,kl_only,val_kl,diverse"])],
         "efficiency": [("cpu", ["efficiency.py", "--device", "cpu"])],
         "synth": [("cpu", ["synth.py", "--conversations", "8", "--turns", "2", "--new-tokens", "16"])],
         "train": [("cpu", ["train.py", "--device", "cpu", "--threads", "2"])],

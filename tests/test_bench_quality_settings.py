@@ -1,0 +1,144 @@
+"""The quality suite's settings as config overrides (bench/quality.py): arms that change only
+train.* share the default synthesis, an arm that changes synth.* has its own, and every arm
+is reported on the reference held-out split and the human-written set with every figure the
+issue asks for (KL ratio, check ratio, leak, perplexity change, degenerate-reply rate)."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY_OVERRIDES  # noqa: E402
+
+ARMS = ["joint", "val_kl", "diverse"]
+# Enough training inputs for val_kl's 4 validation inputs plus training ones, and a little
+# plain text so the perplexity change is measured (TINY_OVERRIDES turns it off).
+EXTRA = ["synth.n_train_inputs=8", "synth.max_input_rounds=3", "eval.plain_text_max_tokens=64"]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        yield importlib.import_module("quality")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_arms(quality):
+    from genpi.config import TrainConfig, load_config
+
+    s = quality.settings()
+    assert quality.DEFAULT_SETTINGS == ["joint", "sft_pg", "kl_only"]
+    assert {"joint", "sft_pg", "kl_only", "val_kl", "diverse"} <= set(s)
+    for name, arm in s.items():
+        assert arm["label"] and all(k.split(".")[0] in {"train", "synth"} for k in arm["overrides"]), name
+        load_config(None, []).with_overrides(arm["overrides"])  # every override is a valid setting
+    d = TrainConfig()
+    assert s["joint"]["overrides"] == {"train.w_sft": d.w_sft, "train.w_pg": d.w_pg, "train.w_kl": d.w_kl}
+    assert s["val_kl"]["overrides"]["train.val_inputs"] == 4 and s["val_kl"]["overrides"]["train.early_stop_patience"] == 1
+    assert s["diverse"]["overrides"]["synth.seed_topics"] == 16 and s["diverse"]["overrides"]["synth.section_inputs"] == 6
+    # Both new arms are the default plus their option (they measure the option, nothing else).
+    for arm in ("val_kl", "diverse"):
+        assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
+
+
+def test_main_refuses_an_unknown_setting(quality, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--settings", "joint,nope"])
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_new_arms_on_a_tiny_model_share_or_own_their_synthesis_and_report_every_figure(
+        quality, tiny_model_dir, tmp_path, single_thread_torch):
+    store = tmp_path / "store"
+    res = quality.run(model=str(tiny_model_dir), store_root=store, prompts=["french"], setting_names=ARMS,
+                      overrides=[*TINY_OVERRIDES, *EXTRA])
+    # Synthesis folders: the default's (joint and val_kl, which change train.* only) and diverse's.
+    folders = sorted(p.parent.parent for p in store.rglob("synth/inputs.parquet"))
+    assert len(folders) == 2 and all(f.parent.name == "french" for f in folders)
+    fr = res["prompts"]["french"]["settings"]
+    assert fr["joint"]["synth_dir"] == fr["val_kl"]["synth_dir"] != fr["diverse"]["synth_dir"]
+    assert [fr[s]["synthesis"] for s in ARMS] == ["shared", "shared", "own"]
+    shared = next(f for f in folders if f.name == fr["joint"]["synth_dir"])
+    own = next(f for f in folders if f.name == fr["diverse"]["synth_dir"])
+    assert {p.name for p in shared.glob("quality/*/*") if p.is_dir()} == {"joint", "val_kl"}
+    assert {p.name for p in own.glob("quality/*/*") if p.is_dir()} == {"diverse"}
+    # diverse's synthesis was steered over the shipped topics; the default's was not.
+    assert "topics" in json.loads((own / "synth" / "inputs_stats.json").read_text())
+    assert "topics" not in json.loads((shared / "synth" / "inputs_stats.json").read_text())
+    # One evaluation pass of all three on the reference split and the human set, and diverse
+    # once more on its own held-out split.
+    assert len(list(shared.glob("quality/eval-*.json"))) == 1 and len(list(own.glob("quality/eval-*.json"))) == 1
+    # val_kl held 4 training inputs out and kept an epoch by their KL.
+    assert fr["val_kl"]["train"]["val_inputs"] == 4 and len(fr["val_kl"]["train"]["val_kl"]) >= 1
+    assert fr["joint"]["train"]["val_inputs"] == 0
+
+    for s in ARMS:
+        row = fr[s]
+        for name in ("heldout", "human"):
+            f = row[name]
+            assert f["n_inputs"] > 0 and set(f["ratios"]) == {"kl", "agreement"}, (s, name)
+            assert f["adapter_scores"]["kl"] is not None and "check_ratio" in f
+            assert set(f["checks"]) == {"language=fr"} and set(f["checks"]["language=fr"]) == {"teacher", "base",
+                                                                                                 "adapter", "ratio"}
+            assert 0 <= f["degenerate"]["adapter"] <= 1
+        assert row["heldout"]["n_inputs"] == fr["joint"]["heldout"]["n_inputs"]
+        assert row["human"]["n_inputs"] == 2  # TINY_OVERRIDES: eval.human_max_inputs=2, for every arm
+        assert row["leak"] is not None and row["plain_text"]["ratio"] > 0 and row["plain_text"]["tokens"] > 0
+        assert (row["own_heldout"] is not None) == (s == "diverse")
+    # Same reference inputs: the teacher and base figures are the same for every arm.
+    for name in ("heldout", "human"):
+        assert len({json.dumps([fr[s][name]["teacher_scores"], fr[s][name]["base_scores"]]) for s in ARMS}) == 1
+    assert fr["diverse"]["own_heldout"]["n_inputs"] > 0
+
+    summary = res["summary"]
+    assert summary["baseline"] == "joint" and summary["ranked_on"] == "human"  # diverse has its own inputs
+    for s in ARMS:
+        p = summary["per_setting"][s]
+        for name in ("heldout", "human"):
+            assert {"kl_ratio", "check_ratio", "degenerate", "agreement_ratio"} <= set(p[name])
+            assert p[name]["degenerate"] is not None
+        assert p["leak"] is not None and p["plain_text_ratio"] is not None
+        assert ("vs_baseline" in p) == (s != "joint")
+    assert summary["per_setting"]["diverse"]["own_heldout"]["n_prompts"] == 1
+    json.dumps(res)  # what main writes
+
+    md = quality.table(res)
+    head = md.splitlines()[0]
+    for col in ("held-out KL ratio", "held-out check ratio", "held-out degenerate", "human KL ratio",
+                "human check ratio", "human degenerate", "leak", "perplexity ratio", "KL ratio vs joint"):
+        assert col in head
+    assert "human-written set" in md  # says what the ranking is on, and why
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| french / ")}
+    assert set(rows) == {f"| french / {s}" for s in ARMS}
+    assert "(val KL)" in rows["| french / val_kl"]
+    for s in ARMS:
+        cells = [c.strip() for c in rows[f"| french / {s}"].strip("|").split("|")]
+        # KL and degenerate pairs (held-out / human), leak and perplexity are measured on any
+        # model (the check ratio is n/a where the random teacher passes it no more than the base).
+        assert all("n/a" not in cells[i] for i in (1, 3, 4, 5)), cells
+        assert ("n/a" in cells[-1]) == (s != "diverse")  # own held-out KL ratio
+
+    assert set(fr["diverse"]["synth_inputs"]["topics"]) and "topics" not in fr["joint"]["synth_inputs"]
+    evals = sorted(store.rglob("quality/eval-*.json"))
+    before = {p: p.stat().st_mtime_ns for p in evals}
+    again = quality.run(model=str(tiny_model_dir), store_root=store, prompts=["french"], setting_names=ARMS,
+                        overrides=[*TINY_OVERRIDES, *EXTRA])  # resumes from the store
+    assert again["prompts"]["french"]["settings"]["diverse"]["human"] == fr["diverse"]["human"]
+    assert {p: p.stat().st_mtime_ns for p in evals} == before  # nothing evaluated again
+    # An evaluation kept before the human set was measured (same fingerprint: its eval settings
+    # at their defaults enter none) is done again rather than reported without it.
+    shared_eval = next(iter(shared.glob("quality/eval-*.json")))
+    old = {s: {**e, "human": None} for s, e in json.loads(shared_eval.read_text()).items()}
+    shared_eval.write_text(json.dumps(old))
+    third = quality.run(model=str(tiny_model_dir), store_root=store, prompts=["french"], setting_names=ARMS,
+                        overrides=[*TINY_OVERRIDES, *EXTRA])
+    assert third["prompts"]["french"]["settings"]["joint"]["human"] == fr["joint"]["human"]
+    assert all(e["human"] for e in json.loads(shared_eval.read_text()).values())
