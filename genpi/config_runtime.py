@@ -41,7 +41,7 @@ class ClusterConfig(_Strict):
     # first adapter and large waves later keep those costs a small share. Large enough to fill
     # the engine actors and training packs; an execution setting, never content.
     wave_prompts: int = Field(default=32, ge=1)
-    max_wave_prompts: int = Field(default=128, ge=1)
+    max_wave_prompts: int = Field(default=256, ge=1)
 
 
 class ServeConfig(_Strict):

@@ -54,15 +54,18 @@ def test_first_wave_is_published_before_the_last_wave_starts(tiny_overrides, tmp
 def test_waves_double_up_to_the_cap_and_a_small_tail_joins_the_wave_before():
     from genpi.pipeline.plan import wave_sizes
 
-    assert wave_sizes(300, 32, 128) == [32, 64, 128, 76]
-    assert wave_sizes(100, 32, 128) == [32, 68]  # a tail of 4 joins the 64
+    assert wave_sizes(300, 32, 256) == [32, 64, 204]  # a last wave of 76 < 128 joins the 128
+    assert wave_sizes(300, 32, 128) == [32, 64, 204]
+    assert wave_sizes(100, 32, 256) == [32, 68]  # a tail of 4 joins the 64
     assert wave_sizes(3, 2, 128) == [2, 1]  # the first wave stays small: the first adapters come early
     assert wave_sizes(20, 32, 128) == [20]
+    assert wave_sizes(1000, 32, 256) == [32, 64, 128, 256, 256, 264]
     assert wave_sizes(1000, 32, 128) == [32, 64, 128, 128, 128, 128, 128, 128, 136]
-    assert wave_sizes(10, 4, 1) == [4, 4, 2]  # a cap below the first wave is the first wave
+    assert wave_sizes(10, 4, 1) == [4, 6]  # a cap below the first wave is the first wave
     assert wave_sizes(0, 32, 128) == []
     for n in range(0, 400, 7):
         for first, cap in ((1, 1), (3, 10), (32, 128), (50, 20)):
             sizes = wave_sizes(n, first, cap)
             assert sum(sizes) == n and all(s > 0 for s in sizes)
             assert not sizes or sizes[0] == min(first, n)
+            assert all(s <= 2 * max(cap, first) for s in sizes)

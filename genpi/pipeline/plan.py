@@ -26,14 +26,16 @@ MAX_ODD_LINES = 15
 
 def wave_sizes(n: int, first: int, cap: int) -> list[int]:
     """Sizes of the waves `n` prompts go through: `first`, then each twice the one before, up
-    to `cap` (or `first` if larger). A last wave under half the one before joins it (a tail
-    of a few prompts would pay a wave's fixed costs alone); the first wave is never enlarged."""
+    to `cap` (or `first` if larger). A last wave smaller than the one before joins it (it
+    would pay a whole wave's fixed costs -- Ray Train's start, the engine actors' model load,
+    ~30 s on 2 CPU cores -- for fewer prompts; so the last wave holds up to twice `cap`); the
+    first wave is never enlarged."""
     cap = max(cap, first)
     sizes: list[int] = []
     size = first
     while n > 0:
         take = min(size, n)
-        if sizes and len(sizes) > 1 and take < sizes[-1] / 2:
+        if sizes and len(sizes) > 1 and take < sizes[-1]:
             sizes[-1] += take
         else:
             sizes.append(take)
