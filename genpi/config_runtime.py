@@ -38,8 +38,9 @@ class ClusterConfig(_Strict):
     # earlier wave. The first wave has wave_prompts; each later one twice the one before, up to
     # max_wave_prompts (or wave_prompts if larger): every wave pays fixed costs (engine actors
     # loading the model, Ray Train starting its workers), so small waves early give a quick
-    # first adapter and large waves later keep those costs a small share. Large enough to fill
-    # the engine actors and training packs; an execution setting, never content.
+    # first adapter and large waves later keep those costs a small share. A last wave smaller
+    # than the one before joins it, so the last may hold up to twice max_wave_prompts. Large
+    # enough to fill the engine actors and training packs; an execution setting, never content.
     wave_prompts: int = Field(default=32, ge=1)
     max_wave_prompts: int = Field(default=256, ge=1)
 

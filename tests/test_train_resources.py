@@ -104,3 +104,20 @@ def test_a_failing_pack_fails_only_its_own_prompts(ray_local, tiny_model_dir, sm
     # The packs after the failed one trained on a base without its LoRA layers.
     for j in rest:
         assert store.read_json(f"{j.pdir}/train.json")["steps"] > 0
+
+
+@pytest.mark.parametrize("user_value", [None, "3"])
+def test_ray_train_polls_its_workers_every_half_second_unless_the_user_says(monkeypatch, tiny_model_dir, tmp_path,
+                                                                            user_value):
+    """A run ends at the controller's first poll after its workers return: at Ray's 2 s default
+    that cost up to 2 s per wave. Ray Train hands this variable on to its controller."""
+    if user_value is None:
+        monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    else:
+        monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", user_value)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"store={tmp_path / 'store'}"])
+    Store(tmp_path / "store")
+    assert train_many(cfg, str(tmp_path / "store"), []) == []  # no job: no Ray started
+    import os
+
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == (user_value or "0.5")
