@@ -58,12 +58,12 @@ MODEL_STAGES = ("synth", "train", "eval")
 
 
 def _waves(n: int) -> int:
-    """Waves the job makes of n prompts at the default cluster settings (doubling sizes)."""
+    """Waves the job makes of n prompts at the default cluster settings (growing sizes)."""
     from genpi.config import GenpiConfig
     from genpi.pipeline.plan import wave_sizes
 
     c = GenpiConfig().cluster
-    return len(wave_sizes(n, c.wave_prompts, c.max_wave_prompts))
+    return len(wave_sizes(n, c.wave_prompts, c.max_wave_prompts, c.wave_growth))
 
 
 # --- the workload ----------------------------------------------------------------------------

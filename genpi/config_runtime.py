@@ -35,13 +35,16 @@ class ClusterConfig(_Strict):
     resource_wait_s: float = Field(default=0, ge=0)
     # Prompts per wave: each wave is synthesized, trained, evaluated and published before the
     # next starts, so the first adapters are served early and a late failure holds back no
-    # earlier wave. The first wave has wave_prompts; each later one twice the one before, up to
-    # max_wave_prompts (or wave_prompts if larger): every wave pays fixed costs (engine actors
-    # loading the model, Ray Train starting its workers), so small waves early give a quick
-    # first adapter and large waves later keep those costs a small share. A last wave smaller
-    # than the one before joins it, so the last may hold up to twice max_wave_prompts. Large
-    # enough to fill the engine actors and training packs; an execution setting, never content.
+    # earlier wave. The first wave has wave_prompts; each later one wave_growth times the one
+    # before, up to max_wave_prompts (or wave_prompts if larger): every wave pays fixed costs
+    # (engine actors loading the model, Ray Train starting its workers: ~38 s on 2 CPU cores,
+    # a minute or more with vLLM on GPUs), so a small first wave gives a quick first adapter
+    # and few, large waves after it keep those costs a small share (growth 4: 300 prompts in
+    # 2 waves, 32 and 268, where doubling made 3). A remainder smaller than the wave it would
+    # have made joins the wave before, so the last may hold up to twice max_wave_prompts.
+    # Large enough to fill the engine actors and training packs; an execution setting, never content.
     wave_prompts: int = Field(default=32, ge=1)
+    wave_growth: int = Field(default=4, ge=1)
     max_wave_prompts: int = Field(default=256, ge=1)
 
 

@@ -64,8 +64,10 @@ def tree(root: Path) -> dict[str, int]:
 
 
 # --- in-process on the session's local Ray ----------------------------------------------------
+# Slow (2 min on 2 cores): tests/test_scale.py's 100-prompt test, in the default suite, holds the
+# same change detection on the Ray path (as a subprocess job); this one runs it in-process.
 @pytest.mark.parametrize("model", [
-    "tiny",
+    pytest.param("tiny", marks=pytest.mark.slow),
     # The same with the embedded SmolLM2: ~7 min on 2 busy cores.
     pytest.param("embedded", marks=[pytest.mark.model, pytest.mark.slow]),
 ])

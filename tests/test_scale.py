@@ -1,6 +1,6 @@
 """Issue 15 at scale: jobs/internalize_many.py over 100 real system prompts (S-IFEval, the shared
 manifest next to the checkout) on the tiny model, run as a user runs it (a local Ray of its
-own), in waves (cluster.wave_prompts 32, then doubling: 32 and 68), with 5 prompts made to fail at
+own), in waves (cluster.wave_prompts 32, then the rest: 32 and 68), with 5 prompts made to fail at
 different stages:
 
 - synthesis, input filter: a per-prompt override under which no input is usable;
@@ -42,7 +42,8 @@ FAILURES = {
     0.97: ("eval", "injected evaluation failure", {}),
 }
 HOOKED = {0.50: "synth", 0.70: "train", 0.97: "eval"}
-WAVES = len(wave_sizes(N, GenpiConfig().cluster.wave_prompts, GenpiConfig().cluster.max_wave_prompts))
+_CLUSTER = GenpiConfig().cluster
+WAVES = len(wave_sizes(N, _CLUSTER.wave_prompts, _CLUSTER.max_wave_prompts, _CLUSTER.wave_growth))
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +119,14 @@ def _ray_processes(ray_tmp: str) -> list[int]:
     return pids
 
 
-# Slow, beyond the default suite: 7 min at 100 prompts on 2 mostly idle cores (each wave pays
-# Ray Train's start and the engine actors' model load). Run with -m slow (GENPI_SCALE_N=10 to
-# try it out).
-@pytest.mark.slow
+def _tree(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+# In the default suite: ~2.5 min for the 100-prompt job on 2 idle cores (2 waves, each paying
+# Ray Train's start and the engine actors' model load), then ~1 min for the second run
+# (GENPI_SCALE_N=10 to try it out). It also holds the Ray path's change detection: the second
+# run, with one prompt's text changed, redoes that prompt and the failed ones, nothing else.
 @pytest.mark.timeout(7200)
 def test_hundred_prompts_failures_are_isolated(scale, workload, tmp_path, tiny_model_dir):
     manifest, ids, expected, env = workload
@@ -138,6 +143,32 @@ def test_hundred_prompts_failures_are_isolated(scale, workload, tmp_path, tiny_m
     # The console names every failure with its stage (5 < the 20 it lists).
     for pid, (stage, _) in expected.items():
         assert f"FAILED {pid} ({stage})" in log
+
+    # Again, with one published prompt's text changed: only it (and the failed ones) are redone.
+    changed = next(pid for pid in ids[1:] if pid not in expected)
+    reg = {p.stem: json.loads(p.read_text()) for p in (store / "registry").glob("*.json")}
+    before = {pid: _tree(store / "prompts" / pid / reg[pid]["fingerprint"]) for pid in reg}
+    rows = {json.loads(line)["id"]: json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()}
+    rows[changed]["prompt"] += " Keep every answer under fifty words."
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows.values()), encoding="utf-8")
+    runs_before = set((store / "runs").glob("*/report.json"))
+    rc = scale.Job(scale.job_cmd(manifest, store, str(tiny_model_dir)), env, tmp_path / "again.log").wait(6000)
+    log = (tmp_path / "again.log").read_text(errors="replace")
+    assert rc == 1, log[-5000:]
+    assert "1 changed" in log and f"{N - len(expected) - 1} unchanged" in log, log[:3000]
+    again = _report(store, runs_before)
+    assert again["counts"] == {"published": 1, "skipped": N - len(expected) - 1, "failed": len(expected)}
+    failed = {p["id"]: p["failed_stage"] for p in again["prompts"] if p["status"] == "failed"}
+    assert failed == {pid: stage for pid, (stage, _) in expected.items()}
+    reg2 = {p.stem: json.loads(p.read_text()) for p in (store / "registry").glob("*.json")}
+    assert set(reg2) == set(reg)
+    assert reg2[changed]["fingerprint"] != reg[changed]["fingerprint"]
+    assert (store / "prompts" / changed / reg2[changed]["fingerprint"] / "DONE").exists()
+    for pid in reg:
+        if pid != changed:
+            assert reg2[pid] == reg[pid], f"{pid}: registry record rewritten"
+        # Nothing already published was touched: the changed prompt's old version neither.
+        assert _tree(store / "prompts" / pid / reg[pid]["fingerprint"]) == before[pid], f"{pid} was touched"
 
 
 # Slow: a full run and a part of one (5.3 min at 100 prompts on 2 mostly idle cores).

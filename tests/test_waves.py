@@ -12,7 +12,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_SEEDS  # noqa: E402
-from genpi.config import load_config
+from genpi.config import GenpiConfig, load_config
 from genpi.pipeline.run import internalize
 from genpi.store import Store
 
@@ -51,21 +51,24 @@ def test_first_wave_is_published_before_the_last_wave_starts(tiny_overrides, tmp
     assert "3 unchanged" in capsys.readouterr().out
 
 
-def test_waves_double_up_to_the_cap_and_a_small_tail_joins_the_wave_before():
+def test_waves_grow_up_to_the_cap_and_a_small_tail_joins_the_wave_before():
     from genpi.pipeline.plan import wave_sizes
 
-    assert wave_sizes(300, 32, 256) == [32, 64, 204]  # a last wave of 76 < 128 joins the 128
-    assert wave_sizes(300, 32, 128) == [32, 64, 204]
-    assert wave_sizes(100, 32, 256) == [32, 68]  # a tail of 4 joins the 64
+    assert GenpiConfig().cluster.wave_growth == 4
+    assert wave_sizes(300, 32, 256) == [32, 268]  # a tail of 140 < the 256 it would be joins the 128
+    assert wave_sizes(300, 32, 256, growth=2) == [32, 64, 204]  # 76 < 256 joins the 128
+    assert wave_sizes(300, 32, 128) == [32, 128, 140]
+    assert wave_sizes(100, 32, 256) == [32, 68]  # the first wave stays small
     assert wave_sizes(3, 2, 128) == [2, 1]  # the first wave stays small: the first adapters come early
     assert wave_sizes(20, 32, 128) == [20]
-    assert wave_sizes(1000, 32, 256) == [32, 64, 128, 256, 256, 264]
-    assert wave_sizes(1000, 32, 128) == [32, 64, 128, 128, 128, 128, 128, 128, 136]
+    assert wave_sizes(1000, 32, 256) == [32, 128, 256, 256, 328]
+    assert wave_sizes(1000, 32, 128) == [32, 128, 128, 128, 128, 128, 128, 200]
+    assert wave_sizes(1000, 32, 256, growth=1) == [32] * 30 + [40]
     assert wave_sizes(10, 4, 1) == [4, 6]  # a cap below the first wave is the first wave
     assert wave_sizes(0, 32, 128) == []
     for n in range(0, 400, 7):
-        for first, cap in ((1, 1), (3, 10), (32, 128), (50, 20)):
-            sizes = wave_sizes(n, first, cap)
+        for first, cap, growth in ((1, 1, 4), (3, 10, 2), (32, 128, 4), (50, 20, 3), (5, 100, 1)):
+            sizes = wave_sizes(n, first, cap, growth)
             assert sum(sizes) == n and all(s > 0 for s in sizes)
             assert not sizes or sizes[0] == min(first, n)
             assert all(s <= 2 * max(cap, first) for s in sizes)

@@ -24,23 +24,24 @@ MAX_PLAN_LINES = 20
 MAX_ODD_LINES = 15
 
 
-def wave_sizes(n: int, first: int, cap: int) -> list[int]:
-    """Sizes of the waves `n` prompts go through: `first`, then each twice the one before, up
-    to `cap` (or `first` if larger). A last wave smaller than the one before joins it (it
-    would pay a whole wave's fixed costs -- Ray Train's start, the engine actors' model load,
-    ~30 s on 2 CPU cores -- for fewer prompts; so the last wave holds up to twice `cap`); the
-    first wave is never enlarged."""
+def wave_sizes(n: int, first: int, cap: int, growth: int = 4) -> list[int]:
+    """Sizes of the waves `n` prompts go through: `first`, then each `growth` times the one
+    before, up to `cap` (or `first` if larger). A remainder smaller than the wave it would
+    have made joins the wave before (it would pay a whole wave's fixed costs -- Ray Train's
+    start, the engine actors' model load, ~38 s on 2 CPU cores -- for fewer prompts than the
+    plan gives a wave there; so the last wave holds up to twice `cap`); the first wave is
+    never enlarged."""
     cap = max(cap, first)
     sizes: list[int] = []
     size = first
     while n > 0:
         take = min(size, n)
-        if sizes and len(sizes) > 1 and take < sizes[-1]:
+        if len(sizes) > 1 and take < size:
             sizes[-1] += take
         else:
             sizes.append(take)
         n -= take
-        size = min(size * 2, cap)
+        size = min(size * growth, cap)
     return sizes
 
 

@@ -4,7 +4,7 @@
 with the in-process runner, `jobs/internalize_many.py` with the Ray runner. A runner
 decides only where work runs (`genpi.pipeline.local`, `genpi.pipeline.ray_runner`); what
 is read and written per prompt is the same (`genpi.pipeline.stages`). Prompts go through
-the stages in waves (`cluster.wave_prompts` first, doubling up to `cluster.max_wave_prompts`,
+the stages in waves (`cluster.wave_prompts` first, growing by `cluster.wave_growth` up to `cluster.max_wave_prompts`,
 `plan.wave_sizes`): the first adapters are published while later
 prompts have not started synthesis, and a failure late in the job holds back no earlier
 wave. Synthesis rows never reach the driver (its workers write them; the driver gets a small
@@ -185,7 +185,8 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
         runner = make_runner(runner_kind, cfg, facts)
         try:
             waves, at = [], 0
-            for size in wave_sizes(len(todo), cfg.cluster.wave_prompts, cfg.cluster.max_wave_prompts):
+            for size in wave_sizes(len(todo), cfg.cluster.wave_prompts, cfg.cluster.max_wave_prompts,
+                                   cfg.cluster.wave_growth):
                 waves.append(todo[at:at + size])
                 at += size
             if len(waves) > 1:
