@@ -77,6 +77,10 @@ def settings() -> dict[str, dict]:
         # section_inputs only changes prompts over 500 tokens (shell_agent in the suite).
         "diverse": {"label": "joint + topic/section-steered inputs",
                     "overrides": {**joint, "synth.seed_topics": 16, "synth.section_inputs": 6}},
+        # Training time against quality (README command 1's time target): the default with
+        # fewer epochs, on the same synthesis.
+        "epochs3": {"label": "joint, 3 epochs", "overrides": {**joint, "train.epochs": 3}},
+        "epochs2": {"label": "joint, 2 epochs", "overrides": {**joint, "train.epochs": 2}},
     }
 
 
