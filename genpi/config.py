@@ -41,7 +41,8 @@ class ModelConfig(_Strict):
 class EngineConfig(_Strict):
     kind: Literal["hf", "vllm"] = "hf"
     # Requests per generate call on the transformers engine: 32 ran 1.2x the tokens/s of 16 on
-    # 2 CPU cores (SmolLM2, top-100 log-probabilities kept; 64 no better). vLLM batches itself.
+    # 2 CPU cores (SmolLM2, top-100 log-probabilities kept; 64 no better). With vLLM it is only
+    # the rows handed over per call (its scheduler batches them; cluster/configs/gpu.yaml: 64).
     batch_size: int = Field(default=32, gt=0)
     # How many of the teacher's top tokens (with log-probabilities) synthesis records for the
     # KL term. 100 rather than Prompt Baking's 20: on SmolLM2 it raised the held-out KL ratio

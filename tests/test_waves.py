@@ -72,3 +72,15 @@ def test_waves_grow_up_to_the_cap_and_a_small_tail_joins_the_wave_before():
             assert sum(sizes) == n and all(s > 0 for s in sizes)
             assert not sizes or sizes[0] == min(first, n)
             assert all(s <= 2 * max(cap, first) for s in sizes)
+
+
+def test_the_job_cuts_its_prompts_into_waves_at_the_cluster_settings():
+    from genpi.pipeline.plan import plan_waves
+
+    items = list(range(300))
+    for growth, sizes in ((4, [32, 268]), (2, [32, 64, 204]), (1, [32] * 8 + [44])):
+        cluster = GenpiConfig().cluster.model_copy(update={"wave_growth": growth})
+        waves = plan_waves(items, cluster)
+        assert [len(w) for w in waves] == sizes, growth
+        assert [x for w in waves for x in w] == items  # in order, each once
+    assert plan_waves([], GenpiConfig().cluster) == []

@@ -45,6 +45,15 @@ def wave_sizes(n: int, first: int, cap: int, growth: int = 4) -> list[int]:
     return sizes
 
 
+def plan_waves(items: list, cluster) -> list[list]:
+    """`items` cut into consecutive waves of `wave_sizes` at the cluster's wave settings."""
+    waves, at = [], 0
+    for size in wave_sizes(len(items), cluster.wave_prompts, cluster.max_wave_prompts, cluster.wave_growth):
+        waves.append(items[at:at + size])
+        at += size
+    return waves
+
+
 def tokenizer_identity(tok) -> str:
     blob = f"{type(tok).__name__}:{len(tok)}:{tok.chat_template}:{tok.eos_token}".encode()
     return hashlib.sha256(blob).hexdigest()[:16]

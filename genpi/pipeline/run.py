@@ -5,7 +5,7 @@ with the in-process runner, `jobs/internalize_many.py` with the Ray runner. A ru
 decides only where work runs (`genpi.pipeline.local`, `genpi.pipeline.ray_runner`); what
 is read and written per prompt is the same (`genpi.pipeline.stages`). Prompts go through
 the stages in waves (`cluster.wave_prompts` first, growing by `cluster.wave_growth` up to `cluster.max_wave_prompts`,
-`plan.wave_sizes`): the first adapters are published while later
+`plan.plan_waves`): the first adapters are published while later
 prompts have not started synthesis, and a failure late in the job holds back no earlier
 wave. Synthesis rows never reach the driver (its workers write them; the driver gets a small
 record per prompt), so the driver's memory does not grow with the prompts. Each stage writes its outputs to
@@ -23,7 +23,7 @@ from collections import defaultdict
 from genpi.config import GenpiConfig
 from genpi.errors import ResourceError
 from genpi.pipeline import stages
-from genpi.pipeline.plan import format_plan, model_facts, plan, wave_sizes
+from genpi.pipeline.plan import format_plan, model_facts, plan, plan_waves
 from genpi.pipeline.records import PromptOutcome, PromptPlan
 from genpi.store import Store, open_store
 
@@ -184,11 +184,7 @@ def internalize(manifest: str, cfg: GenpiConfig, runner_kind: str, *, dry_run: b
     if todo:
         runner = make_runner(runner_kind, cfg, facts)
         try:
-            waves, at = [], 0
-            for size in wave_sizes(len(todo), cfg.cluster.wave_prompts, cfg.cluster.max_wave_prompts,
-                                   cfg.cluster.wave_growth):
-                waves.append(todo[at:at + size])
-                at += size
+            waves = plan_waves(todo, cfg.cluster)
             if len(waves) > 1:
                 print(f"{len(todo)} prompts in {len(waves)} waves of {', '.join(str(len(w)) for w in waves)}",
                       flush=True)
