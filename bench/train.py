@@ -238,7 +238,9 @@ def main() -> None:
     vocab = model.config.vocab_size
     prompt_len, reply_len = (256, 256) if gpu else (48, 64)
     # One epoch of `steps` SFT batches per adapter (+1 PG batch), as in a real pack.
-    cfg = TrainConfig(lora_r=16, lora_alpha=32, epochs=1, batch_size=bs, lr=2e-3)
+    # Both arms in the base's dtype (PEFT runs no autocast); the CPU's bf16 autocast
+    # (train.autocast) is measured on its own below, packed against packed.
+    cfg = TrainConfig(lora_r=16, lora_alpha=32, epochs=1, batch_size=bs, lr=2e-3, autocast="off")
 
     def make_set(seed: int, n_sft: int, n_pg: int) -> TrainingSet:
         return synthetic_set(seed, vocab, n_sft, n_pg, prompt_len, reply_len, 20)
@@ -282,6 +284,16 @@ def main() -> None:
         res["mfu"] = res["packed"]["tflops_per_s"] / peak if peak else None
         res["peft_mfu"] = res["peft_one_by_one"]["tflops_per_s"] / peak if peak else None
         res["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if not gpu:
+        # train.autocast on this CPU: the same pack, fp32 (above) against bf16 matmuls.
+        from genpi.train.precision import cpu_fast_bf16
+
+        bf = cfg.model_copy(update={"autocast": "bf16"})
+        run_packed(model, members[:1], bf, pad, device, micro)  # warm-up: oneDNN's bf16 kernels
+        bf_s, bf_tok = run_packed(model, members, bf, pad, device, micro)
+        res["precision"] = {"cpu_fast_bf16": cpu_fast_bf16(), "fp32_tokens_per_s": res["packed"]["tokens_per_s"],
+                            "bf16_autocast_tokens_per_s": bf_tok / bf_s,
+                            "ratio_bf16_autocast_to_fp32": (bf_tok / bf_s) / res["packed"]["tokens_per_s"]}
     print(f"{res['device']}, {model_desc}: {n} adapters x {steps + 1} steps, batch {bs} per adapter")
     for name in ("peft_one_by_one", "packed"):
         r = res[name]
@@ -289,6 +301,10 @@ def main() -> None:
               f"{r['adapters_per_hour']:10.0f} adapters/hour")
     print(f"  ratio packed / one-by-one (PEFT at its best batch, {best['batch_size']}): "
           f"{res['ratio_adapters_per_hour']:.2f}x adapters/hour, {res['ratio_tokens_per_s']:.2f}x tokens/s")
+    if "precision" in res:
+        pr = res["precision"]
+        print(f"  packed under bf16 autocast (train.autocast; AMX on this CPU: {pr['cpu_fast_bf16']}): "
+              f"{pr['bf16_autocast_tokens_per_s']:.0f} tokens/s, {pr['ratio_bf16_autocast_to_fp32']:.2f}x fp32")
     if gpu and res["mfu"] is not None:
         print(f"  MFU packed {res['mfu']:.1%} (PEFT one-by-one {res['peft_mfu']:.1%}) of {res['peak_tflops']:.0f} TFLOP/s")
     elif gpu:

@@ -135,9 +135,22 @@ class TrainConfig(_Strict):
     # lowest validation KL, and early_stop_patience counts epochs without it improving.
     # 0 = off (the last epoch is kept; early stopping reads the training loss).
     val_inputs: int = Field(default=0, ge=0)
+    # On-policy distillation phase (genpi.train.onpolicy), after the off-policy epochs: each
+    # adapter samples its own replies to its training inputs (no prompt), the teacher (the
+    # same base with the prompt, in the same process) gives its top-k on those tokens, and the
+    # adapter trains this many epochs on reverse KL(student || teacher) over them. 0 = off.
+    on_policy_epochs: int = Field(default=0, ge=0)
+    on_policy_max_new_tokens: int = Field(default=64, gt=0)
+    on_policy_temperature: float = Field(default=1.0, gt=0)
+    on_policy_lr: float | None = Field(default=None, gt=0)  # None: train.lr
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
+    # Matmuls of training under bf16 autocast (weights and optimizer state stay fp32):
+    # "auto" = on a CPU with native bf16 units (Intel AMX), where it runs ~1.7x faster, and
+    # off elsewhere (a GPU trains the bf16 model as it is); "bf16" forces it, "off" = fp32.
+    # See genpi.train.precision for the measurements.
+    autocast: Literal["auto", "bf16", "off"] = "auto"
     checkpoint_every_steps: int = Field(default=50, gt=0)
     seed: int = 0
 
@@ -217,7 +230,8 @@ class GenpiConfig(_Strict):
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
-               "train": {"val_inputs": 0}, "synth": {"seed_topics": 0, "section_inputs": 0}}
+               "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
+                         "on_policy_temperature": 1.0, "on_policy_lr": None}, "synth": {"seed_topics": 0, "section_inputs": 0}}
 
 
 # --------------------------------------------------------------------------- overrides

@@ -309,7 +309,8 @@ def _job(store, tok, pid: str, n: int) -> TrainJob:
 
 
 def _cfg(tiny_model_dir, *extra):
-    return load_config(None, [f"model.name={tiny_model_dir}", "train.batch_size=2", "train.lora_r=4",
+    # fp32: the stored val_kl is compared with a fresh fp32 forward.
+    return load_config(None, [f"model.name={tiny_model_dir}", "train.autocast=off", "train.batch_size=2", "train.lora_r=4",
                               "train.lora_alpha=8", "train.lr=5e-3", *extra])
 
 

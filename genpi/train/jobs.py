@@ -158,6 +158,7 @@ def _train_pack_here(cfg: GenpiConfig, store, jobs: list[TrainJob], sets, model,
                      pack_index: int, n_packs: int, progress: bool) -> dict[str, dict]:
     from tqdm.auto import tqdm
 
+    from genpi.train import precision
     from genpi.train.multilora import PackedLora
     from genpi.train.packed import PackedAdamW, PackMember, member_batches, train_pack
 
@@ -181,9 +182,14 @@ def _train_pack_here(cfg: GenpiConfig, store, jobs: list[TrainJob], sets, model,
                 bar.update(1)
 
             prog = train_pack(model, pack, members, tc, pad, optimizer=opt, on_step=on_step)
+        if tc.on_policy_epochs:
+            from genpi.train.onpolicy import run_phase
+
+            run_phase(model, pack, tok, members, [j.prompt for j in jobs], tc, pad, model.device, optimizer=opt,
+                      prior=prog)
         stats = write_pack(store, pack, prog, members, jobs, base_model_name, pack_index,
                            {"workers": 1, "zero_stage": None, "worker_memory": [peak_memory()],
-                            "resumed_at_pack_step": None})
+                            "resumed_at_pack_step": None, "precision": precision.describe(tc.autocast, model.device)})
         log.info("pack %d/%d trained: %s (%.0f tokens/s)", pack_index + 1, n_packs,
                  ", ".join(f"{k}: {s['stop_reason']}" + (f", kept epoch {s['chosen_epoch']} (held-out KL)"
                                                           if s["val_inputs"] else "") for k, s in stats.items()),

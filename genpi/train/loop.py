@@ -34,6 +34,10 @@ class TrainingSet:
     # built from those inputs is in `examples`. `val_info` goes into train.json.
     val: list[EncodedExample] = field(default_factory=list)
     val_info: dict = field(default_factory=dict)
+    # The training inputs (held-out ones excluded), for the on-policy phase (genpi.train.onpolicy),
+    # and what that phase reports into train.json.
+    inputs: list[str] = field(default_factory=list)
+    phase_info: dict = field(default_factory=dict)
 
     def tokens(self) -> int:
         return sum(len(ex) for _, ex in self.examples)
@@ -58,6 +62,8 @@ def build_examples(tok, synth: dict, prompt: str, cfg: TrainConfig) -> TrainingS
     for r in synth["to_be"]:  # greedy and sampled replies; a conversation replaces its greedy one
         if held(r):
             continue
+        if r["sample"] == 0:
+            out.inputs.append(r["input"])
         if not r["text"].strip():
             out.dropped["empty_reply"] += 1
             continue

@@ -89,6 +89,29 @@ def mean_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return _batch_mean(token_ce(logits, labels))
 
 
+def _teacher_rows(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor):
+    """Both top-k divergences' inputs, checked and gathered at the target positions:
+    (target_mask [B, T-1], student rows [N, V] in the logits' dtype, teacher logprobs [N, K]
+    with padded slots 0, ids [N, K] with padded slots pointing at the row's first id, valid [N, K])."""
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 3:
+        raise ValueError(
+            "teacher_ids and teacher_logprobs must both be [B, T, K], got "
+            f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}"
+        )
+    if tuple(mask.shape) != tuple(teacher_ids.shape[:2]):
+        raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(teacher_ids.shape[:2])}")
+    _check_logits(logits, tuple(mask.shape), "mask")
+    target_mask = mask[:, 1:].bool()
+    rows = logits[:, :-1][target_mask]  # [N, V], a fresh copy (boolean indexing), logits dtype
+    t_lp = teacher_logprobs[:, 1:][target_mask].float()  # [N, K]
+    ids = teacher_ids[:, 1:][target_mask].long()  # [N, K]
+    valid = t_lp != float("-inf")
+    # Padded slots point at the row's first (real) id: gathers stay in range and
+    # the scatter that removes the top-k removes nothing extra. Their probability is 0.
+    ids = torch.where(valid, ids, ids[:, :1])
+    return target_mask, rows, t_lp.masked_fill(~valid, 0.0), ids, valid
+
+
 def topk_kl(
     logits: Tensor,
     teacher_ids: Tensor,
@@ -116,25 +139,7 @@ def topk_kl(
 
     Returns ``(kl_sum[B], n_tokens[B])``.
     """
-    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 3:
-        raise ValueError(
-            "teacher_ids and teacher_logprobs must both be [B, T, K], got "
-            f"{tuple(teacher_ids.shape)} and {tuple(teacher_logprobs.shape)}"
-        )
-    if tuple(mask.shape) != tuple(teacher_ids.shape[:2]):
-        raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(teacher_ids.shape[:2])}")
-    _check_logits(logits, tuple(mask.shape), "mask")
-
-    target_mask = mask[:, 1:].bool()
-    rows = logits[:, :-1][target_mask]  # [N, V], a fresh copy (boolean indexing), logits dtype
-    t_lp = teacher_logprobs[:, 1:][target_mask].float()  # [N, K]
-    ids = teacher_ids[:, 1:][target_mask].long()  # [N, K]
-
-    valid = t_lp != float("-inf")
-    # Padded slots point at the row's first (real) id: gathers stay in range and
-    # the scatter below removes nothing extra. Their probability is forced to 0.
-    ids = torch.where(valid, ids, ids[:, :1])
-    t_lp = t_lp.masked_fill(~valid, 0.0)
+    target_mask, rows, t_lp, ids, valid = _teacher_rows(logits, teacher_ids, teacher_logprobs, mask)
     p = t_lp.exp() * valid  # [N, K] teacher probabilities, 0 in padded slots
 
     # Student log-normaliser split into top-k and tail parts. Only one float32
@@ -158,6 +163,32 @@ def topk_kl(
     log_p_tail = torch.log(torch.where(has_tail, p_tail, torch.ones_like(p_tail)))
     kl_tail = torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), torch.zeros_like(p_tail))
 
+    return _per_sequence_sum(kl_top + kl_tail, target_mask), target_mask.sum(dim=1)
+
+
+def topk_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+                    *, tail_floor: float = TAIL_EPS) -> LossParts:
+    """KL(student || teacher) over the teacher's top-k tokens plus one tail bucket: the
+    on-policy phase's loss (genpi.train.onpolicy), where the student wrote the tokens.
+
+    Same inputs as :func:`topk_kl`. With q the student (full softmax) and p the teacher:
+        KL = sum_k q_k (log q_k - log p_k) + q_tail (log q_tail - log p_tail)
+    Reverse KL is mode-seeking: the student is pushed off tokens the teacher finds unlikely
+    rather than made to cover all of the teacher's. The teacher's tail mass is floored at
+    ``tail_floor`` (a teacher whose top-k holds all its mass would make any student tail
+    mass infinitely costly). Returns ``(kl_sum[B], n_tokens[B])``.
+    """
+    target_mask, rows, t_lp, ids, valid = _teacher_rows(logits, teacher_ids, teacher_logprobs, mask)
+    log_q = torch.log_softmax(rows.float(), dim=-1)  # [N, V]
+    log_q_top = log_q.gather(-1, ids)  # [N, K]
+    q_top = log_q_top.exp() * valid
+    kl_top = (q_top * (log_q_top - t_lp)).sum(dim=-1)
+    # Student tail: logsumexp outside the top-k ids (exact, no 1 - sum cancellation).
+    tail = log_q.clone()
+    tail.scatter_(-1, ids, _REMOVED_LOGIT)
+    log_q_tail = torch.logsumexp(tail, dim=-1).clamp_min(_LOG_TINY)
+    p_tail = (1.0 - (t_lp.exp() * valid).sum(dim=-1)).clamp_min(tail_floor)
+    kl_tail = log_q_tail.exp() * (log_q_tail - torch.log(p_tail))
     return _per_sequence_sum(kl_top + kl_tail, target_mask), target_mask.sum(dim=1)
 
 

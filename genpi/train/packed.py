@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from genpi.config import TrainConfig
-from genpi.train import validation
+from genpi.train import precision, validation
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
-from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl
+from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl, topk_reverse_kl
 
 
 # ---- optimizer ---------------------------------------------------------------------------
@@ -212,19 +212,22 @@ def _chunks(local: list, cfg: TrainConfig, micro_batch: int | None) -> list[list
 
 def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: TrainConfig, pad_id: int,
               device, rank: int = 0, world: int = 1, micro_batch: int | None = None,
-              backward: Callable[[Tensor, bool], None] | None = None) -> Tensor:
+              backward: Callable[[Tensor, bool], None] | None = None, divergence: str = "forward") -> Tensor:
     """Forward + backward of one packed step; returns per-slot [K, 3] sums of (sft, pg, kl)
     per-token losses and [K, 3] token counts, summed over ranks, stacked as [2, K, 3]
-    (on ``device``, the parameters' device)."""
+    (on ``device``, the parameters' device). ``divergence``: the KL part is KL(teacher ||
+    student) ("forward", off-policy data) or KL(student || teacher) ("reverse", the on-policy
+    phase's own replies)."""
     # Every tensor created here without an explicit device (ours, and token_scale's) lands
     # on the parameters' device: a collective never gets a host tensor (NCCL has no CPU
     # backend), and no per-chunk host round trip is needed.
     with torch.device(device):
         return _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch,
-                          backward or (lambda loss, last: loss.backward()))
+                          backward or (lambda loss, last: loss.backward()),
+                          {"forward": topk_kl, "reverse": topk_reverse_kl}[divergence])
 
 
-def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward) -> Tensor:
+def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward, kl_fn) -> Tensor:
     k = pack.n_adapters
     # Token counts of the whole step (all ranks, all chunks), per adapter and part (PARTS),
     # counted on the host (Python ints), then one copy to the device.
@@ -256,9 +259,10 @@ def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_bat
         labels = batch["labels"]
         tgt = (labels != IGNORE_INDEX).nonzero()
         start = max(0, int(tgt[:, 1].min()) - 1) if len(tgt) else 0
-        with pack.route_to(slots):
+        with pack.route_to(slots), precision.autocast(cfg.autocast, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            logits_to_keep=torch.arange(start, labels.shape[1], device=device)).logits
+        logits = logits.float()  # the losses in fp32 whatever the matmuls ran in
         sl = slice(start, None)
         ce_sum, _ = token_ce(logits, labels[:, sl])
         part = torch.where(is_sft, 0, 1)
@@ -266,7 +270,7 @@ def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_bat
         if real:
             sums.index_put_((slots, part), ce_sum.detach().float(), accumulate=True)
         if "kl_ids" in batch and cfg.w_kl > 0:
-            kl_sum, _ = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
+            kl_sum, _ = kl_fn(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], batch["kl_mask"][:, sl])
             loss = loss + (kl_sum * scale[slots, 2]).sum()
             if real:
                 sums.index_put_((slots, torch.full_like(slots, 2)), kl_sum.detach().float(), accumulate=True)
@@ -277,12 +281,16 @@ def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_bat
 def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad_id: int, *,
                optimizer=None, engine=None, rank: int = 0, world: int = 1, micro_batch: int | None = None,
                progress: PackProgress | None = None,
-               on_step: Callable[[PackProgress], None] | None = None) -> PackProgress:
+               on_step: Callable[[PackProgress], None] | None = None,
+               divergence: str = "forward", step_offset: Sequence[int] | None = None) -> PackProgress:
     """Train the pack's adapters (slot i = members[i]) until each has run its epochs or stopped early.
 
     Plain torch: pass ``optimizer`` (a :class:`PackedAdamW` over ``pack.parameters()``).
     DeepSpeed: pass ``engine`` (its optimizer wraps a PackedAdamW); backward/step go through it.
     ``progress`` resumes a checkpointed pack; ``on_step`` sees the progress after each step.
+    A later phase on the same optimizer (the on-policy phase) passes ``divergence`` for its KL
+    part and ``step_offset``, each adapter's steps so far, so that AdamW's bias correction
+    goes on from the moments it holds rather than restarting at step 1.
     Adapters with validation examples (``ts.val``) are scored after each epoch and end with
     the weights of their best epoch (:mod:`genpi.train.validation`)."""
     opt = optimizer if engine is None else engine.optimizer
@@ -293,6 +301,7 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
     vals = {i: m.ts.val for i, m in enumerate(members) if m.ts.val}
     validation.forget_unsaved(prog)
     weights = (cfg.w_sft, cfg.w_pg, cfg.w_kl)
+    offset = list(step_offset) if step_offset is not None else [0] * len(members)
     backward = None
     if engine is not None:
         def backward(loss, last):
@@ -306,9 +315,10 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
         active = [i for i, d in enumerate(prog.done) if not d]
         samples = [(i, plans[i][prog.step[i]][1], ex) for i in active for ex in plans[i][prog.step[i]][2]]
         # To the host once per step (after the collective): the logs below are Python floats.
-        sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward).cpu()
+        sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward,
+                                 divergence).cpu()
         inner.set_adapters([lr_at(prog.step[i], prog.total[i], cfg) for i in range(len(members))],
-                           [not d for d in prog.done], [s + 1 for s in prog.step])
+                           [not d for d in prog.done], [s + 1 + offset[i] for i, s in enumerate(prog.step)])
         if engine is not None:
             engine.step()
         else:
@@ -374,6 +384,7 @@ def adapter_stats(prog: PackProgress, i: int, member: PackMember) -> dict:
         "val_inputs": len(member.ts.val),
         "val_kl": prog.val_kl[i],
         **member.ts.val_info,
+        **member.ts.phase_info,
         "first_loss": hist[0]["loss"] if hist else math.nan,
         "last_loss": sum(h["loss"] for h in hist[-5:]) / max(1, len(hist[-5:])),
         "history": hist,

@@ -173,6 +173,7 @@ def _train_one_pack(model, tok, resolved, store, cfg, jobs, p, packs, rank, worl
     import torch.distributed as dist
 
     from genpi.synth.pipeline import load_synth
+    from genpi.train import precision
     from genpi.train.loop import build_examples
     from genpi.train.multilora import PackedLora
     from genpi.train.packed import PackedAdamW, PackMember
@@ -190,6 +191,14 @@ def _train_one_pack(model, tok, resolved, store, cfg, jobs, p, packs, rank, worl
                 raise RuntimeError(f"injected training failure for {config['fail_prompt']} (test hook)")
             prog, resumed_at = _train_pack_on(engine, model, pack, members, cfg, pad, rank, world, p, packs,
                                               config, total_steps, resume_dir, progress)
+            if cfg.train.on_policy_epochs:
+                from genpi.train.onpolicy import run_phase
+
+                if rank == 0:
+                    _progress(f"[train] pack {p + 1}/{len(packs)}: on-policy phase "
+                              f"({cfg.train.on_policy_epochs} epochs on the adapters' own replies)")
+                run_phase(model, pack, tok, members, [j.prompt for j in jobs], cfg.train, pad, device, engine=engine,
+                          rank=rank, world=world, micro_batch=config.get("micro_batch"), prior=prog)
             # Every rank's peak memory, gathered as one tensor on the parameters' device (an
             # object collective would go through the host, which NCCL cannot do).
             mine = peak_memory()
@@ -201,7 +210,8 @@ def _train_one_pack(model, tok, resolved, store, cfg, jobs, p, packs, rank, worl
             if rank == 0:
                 stats = write_pack(store, pack, prog, members, jobs, resolved.path, p,
                                    {"workers": world, "zero_stage": cfg.train.zero_stage, "worker_memory": mem,
-                                    "threads_per_worker": threads, "resumed_at_pack_step": resumed_at})
+                                    "threads_per_worker": threads, "resumed_at_pack_step": resumed_at,
+                                    "precision": precision.describe(cfg.train.autocast, device)})
                 for key, st in stats.items():
                     log.info("pack %d/%d: %s trained (%s)", p + 1, len(packs), key, st["stop_reason"])
             if world > 1:

@@ -22,6 +22,7 @@ import os
 import torch
 
 from genpi.config import TrainConfig
+from genpi.train import precision
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import micro_batches
 from genpi.train.losses import topk_kl
@@ -48,9 +49,10 @@ def score(model, pack, vals: dict[int, list[EncodedExample]], cfg: TrainConfig, 
                 mask = batch["kl_mask"]
                 # Logits only from the position before the first teacher row (as the training step).
                 start = max(0, int(mask.any(0).nonzero()[0]) - 1)
-                with pack.route_to(slots):
+                with pack.route_to(slots), precision.autocast(cfg.autocast, device):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    logits_to_keep=torch.arange(start, mask.shape[1], device=device)).logits
+                logits = logits.float()
                 sl = slice(start, None)
                 kl, n = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], mask[:, sl])
                 sums.index_put_((slots, torch.zeros_like(slots)), kl.double(), accumulate=True)

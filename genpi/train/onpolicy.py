@@ -1,0 +1,184 @@
+"""The on-policy distillation phase (train.on_policy_epochs): the adapter learns on its own replies.
+
+Off-policy training (SFT + KL on the teacher's replies) shows the student only the teacher's
+tokens; at inference it conditions on its own, and its mistakes compound (the "Plants,
+bonjour." loops of the French adapter). On-policy distillation (GKD, OPCD) trains on the
+student's own samples, scored by the teacher. After a pack's off-policy epochs:
+
+1. each adapter samples a reply to every one of its training inputs, without the prompt
+   (the pack's per-row routing: one batched `generate` for all adapters of the pack);
+2. the teacher -- the same frozen base, no adapter, the prompt in the system slot -- runs
+   one forward over each (prompt, input, student reply) and gives its top-k log-probabilities
+   on the student's tokens;
+3. the adapter trains `on_policy_epochs` more epochs on reverse KL(student || teacher)
+   over those rows (:func:`genpi.train.losses.topk_reverse_kl`), on the same optimizer
+   (its AdamW moments and step count go on), with its own warm-up and cosine schedule.
+
+Both sides share the training process's model, so no engine, store round trip or second
+copy of the base is needed. Every rank of a data-parallel pack samples the same replies
+(same weights, same seed), so they build the same examples and their collectives match.
+The phase's data is made fresh each run (a restarted worker redoes the phase from the
+off-policy phase's end). Held-out validation (train.val_inputs) chooses among the
+off-policy epochs only; the on-policy epochs always run to the end.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from genpi.chat import student_messages, teacher_messages
+from genpi.config import TrainConfig
+from genpi.train import precision
+from genpi.train.data import ExampleTooLong, encode_chat, end_of_turn_token
+from genpi.train.loop import TrainingSet
+
+log = logging.getLogger(__name__)
+
+# Rows per batched generate (as engine.batch_size) and per teacher forward (its logits over
+# the vocabulary are the memory: 8 x ~100 positions x 49k x 4 bytes ~ 160 MB for SmolLM2);
+# the teacher's top-k is the synthesis engine's default (engine.top_k_logprobs).
+BATCH = 32
+TEACHER_BATCH = 8
+TOP_K = 100
+
+
+def _render(tok, messages: list[dict]) -> list[int]:
+    from genpi.engines.base import render_chat
+
+    return render_chat(tok, messages)
+
+
+@torch.no_grad()
+def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainConfig, device,
+                   seed: int) -> list[list[int]]:
+    """Token ids of the reply adapter `slot` samples to `input` (no prompt), per (slot, input);
+    each ends at the end-of-turn token or at train.on_policy_max_new_tokens."""
+    eot, _ = end_of_turn_token(tok)
+    stops = sorted({eot, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    encoded = [_render(tok, student_messages(text)) for _, text in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # less padding
+    out: list[list[int]] = [[] for _ in items]
+    torch.manual_seed(seed)  # every rank samples the same replies
+    for start in range(0, len(order), BATCH):
+        chunk = order[start:start + BATCH]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: generation continues at the right edge
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attn[row, width - len(encoded[i]):] = 1
+        # fp32: under autocast every decoding step would cast the whole base to bf16 again.
+        with pack.route_to([items[i][0] for i in chunk]):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=cfg.on_policy_max_new_tokens, do_sample=True,
+                                 temperature=cfg.on_policy_temperature, top_p=1.0, top_k=0,
+                                 pad_token_id=pad, eos_token_id=stops)
+        for row, i in enumerate(chunk):
+            toks = gen[row, width:].tolist()
+            for j, t in enumerate(toks):
+                if t in stops:
+                    toks = toks[:j + 1]
+                    break
+            out[i] = toks
+    return out
+
+
+@torch.no_grad()
+def teacher_topk(model, pack, tok, items: list[tuple[str, str, list[int]]], cfg: TrainConfig,
+                 device) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The teacher's (base with the prompt) top-k ids and log-probabilities at each token of
+    each (prompt, input, reply ids): row j is its distribution for reply token j."""
+    ctx = [_render(tok, teacher_messages(prompt, text)) for prompt, text, _ in items]
+    out: list = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(ctx[i]) + len(items[i][2]))
+    for start in range(0, len(order), TEACHER_BATCH):
+        chunk = order[start:start + TEACHER_BATCH]
+        seqs = [ctx[i] + items[i][2] for i in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, s in enumerate(seqs):  # right padding: positions are those of the unpadded sequence
+            ids[row, :len(s)] = torch.tensor(s)
+            attn[row, :len(s)] = 1
+        # Every row on the base (-1): the teacher is the model without any adapter.
+        first = min(len(ctx[i]) for i in chunk) - 1  # logits only from the first reply position on
+        with pack.route_to([-1] * len(chunk)), precision.autocast(cfg.autocast, device):
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                           logits_to_keep=torch.arange(first, width, device=device)).logits
+        for row, i in enumerate(chunk):
+            n_ctx, n = len(ctx[i]) - 1 - first, len(items[i][2])
+            lp = torch.log_softmax(logits[row, n_ctx:n_ctx + n].float(), dim=-1)
+            v, k = lp.topk(TOP_K, dim=-1)
+            out[i] = (k.cpu().tolist(), v.cpu().tolist())
+    return out
+
+
+def phase_sets(model, pack, tok, prompts: Sequence[str], inputs: Sequence[Sequence[str]], cfg: TrainConfig,
+               device, seed: int) -> list[TrainingSet]:
+    """The phase's training set per slot: its own replies with the teacher's top-k on them."""
+    was_training = model.training
+    model.eval()  # sampling and scoring: no dropout
+    try:
+        items = [(slot, text) for slot, texts in enumerate(inputs) for text in texts]
+        replies = sample_replies(model, pack, tok, items, cfg, device, seed)
+        rows = teacher_topk(model, pack, tok, [(prompts[s], t, r) for (s, t), r in zip(items, replies)], cfg, device)
+    finally:
+        model.train(was_training)
+    eot, _ = end_of_turn_token(tok)
+    stops = {eot, tok.eos_token_id}
+    sets = [TrainingSet() for _ in inputs]
+    for (slot, text), reply, (k_ids, k_lps) in zip(items, replies, rows):
+        content = [t for t in reply if t not in stops]
+        words = tok.decode(content, skip_special_tokens=True).strip()
+        if not words:
+            sets[slot].dropped["on_policy_empty_reply"] += 1
+            continue
+        turn = {"role": "assistant", "content": words, "token_ids": reply, "topk_ids": k_ids, "topk_logprobs": k_lps}
+        try:
+            sets[slot].examples.append(("sft", encode_chat(tok, [*student_messages(text), turn], cfg.max_length)))
+        except ExampleTooLong:
+            sets[slot].dropped["on_policy_too_long"] += 1
+        except ValueError:  # sampled ids that do not re-encode to their own text
+            sets[slot].dropped["on_policy_unencodable"] += 1
+    return sets
+
+
+def phase_config(cfg: TrainConfig) -> TrainConfig:
+    """The phase's training settings: KL only (the student's own tokens are no SFT target),
+    its epochs and learning rate, no validation or early stopping."""
+    return cfg.model_copy(update={"epochs": cfg.on_policy_epochs, "w_sft": 0.0, "w_pg": 0.0, "w_kl": 1.0,
+                                  "lr": cfg.on_policy_lr or cfg.lr, "val_inputs": 0, "early_stop_patience": None})
+
+
+def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfig, pad_id: int, device, *,
+              optimizer=None, engine=None, rank: int = 0, world: int = 1, micro_batch: int | None = None,
+              prior=None, on_step=None):
+    """The on-policy phase for a pack whose off-policy phase ended with progress `prior`;
+    returns the phase's PackProgress (None when train.on_policy_epochs is 0). Each member's
+    train.json gets an `on_policy` entry (examples, dropped, epoch losses, seconds)."""
+    from genpi.train.packed import PackMember, train_pack
+
+    if cfg.on_policy_epochs <= 0:
+        return None
+    t0 = time.time()
+    sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
+                      seed=cfg.seed * 7919 + 17)
+    made = time.time() - t0
+    phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
+    offset = list(prior.step) if prior is not None else None
+    prog = train_pack(model, pack, phase_members, phase_config(cfg), pad_id, optimizer=optimizer, engine=engine,
+                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step, divergence="reverse",
+                      step_offset=offset)
+    for i, (m, ts) in enumerate(zip(members, sets)):
+        m.ts.phase_info["on_policy"] = {
+            "epochs": cfg.on_policy_epochs, "examples": len(ts.examples), "dropped": dict(Counter(ts.dropped)),
+            "steps": prog.step[i], "epoch_losses": prog.epoch_losses[i],
+            "sample_and_score_seconds": round(made, 2), "train_seconds": round(prog.seconds, 2)}
+    log.info("on-policy phase: %d replies sampled and scored in %.0f s, %d steps in %.0f s",
+             sum(len(ts.examples) for ts in sets), made, prog.pack_steps, prog.seconds)
+    return prog

@@ -1,0 +1,50 @@
+"""bf16 autocast for training on CPUs with native bf16 matrix units (train.autocast).
+
+On the project's CPU (Intel AMX tiles, avx512_bf16) a bf16 matmul runs ~4x the fp32 one, and
+a LoRA forward+backward of SmolLM2-135M under `torch.autocast("cpu", torch.bfloat16)` took
+~0.57x the fp32 time (measured in bench/train.py's precision arm). The weights (frozen base,
+LoRA A/B, optimizer state) stay fp32: only the matmuls run in bf16 (autocast casts their
+inputs), and the logits go back to fp32 before any loss. The per-token KL between the fp32
+and the autocast next-token distributions of SmolLM2 was ~0.001, against ~0.06 between the
+adapter and its teacher. A CPU without such units runs bf16 slower than fp32 (an earlier
+machine of this project measured >10x), so "auto" turns it on only where torch reports AMX.
+On a GPU the model is already bf16 (DeepSpeed's bf16 mode), so "auto" adds nothing there.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+Setting = Literal["auto", "bf16", "off"]
+
+
+def cpu_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # a torch without the probe: assume not (fp32 is never the slow choice)
+        return False
+
+
+def resolve(setting: Setting, device) -> bool:
+    """Whether training on `device` runs under bf16 autocast."""
+    kind = torch.device(device).type
+    if setting == "off":
+        return False
+    if setting == "bf16":
+        return kind in ("cpu", "cuda")
+    return kind == "cpu" and cpu_fast_bf16()
+
+
+def autocast(setting: Setting, device):
+    """The context for a training or validation forward on `device` (a no-op when off)."""
+    if not resolve(setting, device):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def describe(setting: Setting, device) -> str:
+    """For train.json and the logs: what the setting meant on this machine."""
+    return "bf16 autocast" if resolve(setting, device) else "fp32" if torch.device(device).type == "cpu" else "model dtype"

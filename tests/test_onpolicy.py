@@ -1,0 +1,141 @@
+"""The on-policy phase (train.on_policy_epochs): the adapter's own replies, scored by the teacher."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genpi.chat import student_messages, teacher_messages
+from genpi.config import ModelConfig, TrainConfig, load_config
+from genpi.engines.base import render_chat
+from genpi.models import load_model
+from genpi.store import Store
+from genpi.train.jobs import train_local
+from genpi.train.losses import topk_kl, topk_reverse_kl
+from genpi.train.loop import TrainingSet
+from genpi.train.multilora import PackedLora
+from genpi.train.onpolicy import TOP_K, run_phase, sample_replies
+from genpi.train.packed import PackedAdamW, PackMember
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+PROMPTS = ["You are a pirate. Always answer like a pirate and say Arr.", "Answer in French only."]
+INPUTS = ["How do I boil an egg?", "What is the capital of Japan?", "Give me a tip to sleep better."]
+
+
+# ---- the loss -----------------------------------------------------------------------------
+def _coarse_reverse_kl(s_logits: torch.Tensor, t_logp: torch.Tensor, k: int, floor: float) -> float:
+    """KL(q || p) over p's top-k ids plus one bucket for the rest, by brute force."""
+    q, p = torch.softmax(s_logits.double(), -1), t_logp.double().exp()
+    ids = t_logp.topk(k).indices
+    kl = sum(float(q[i] * (q[i].log() - p[i].log())) for i in ids.tolist())
+    q_tail, p_tail = 1 - float(q[ids].sum()), max(floor, 1 - float(p[ids].sum()))
+    return kl + q_tail * math.log(q_tail / p_tail)
+
+
+def test_reverse_topk_kl_is_the_coarse_reverse_kl():
+    torch.manual_seed(0)
+    V, T, K = 50, 4, 6
+    s_logits = torch.randn(1, T, V, requires_grad=True)
+    t_logp = torch.log_softmax(torch.randn(T, V) * 2, -1)
+    top = t_logp.topk(K)
+    ids, lps = top.indices[None], top.values[None]
+    mask = torch.tensor([[False, True, True, True]])
+    kl, n = topk_reverse_kl(s_logits, ids, lps, mask)
+    want = sum(_coarse_reverse_kl(s_logits[0, t - 1].detach(), t_logp[t], K, 1e-6) for t in (1, 2, 3))
+    assert int(n) == 3 and float(kl.detach()) == pytest.approx(want, rel=1e-4)
+    kl.sum().backward()
+    assert torch.isfinite(s_logits.grad).all() and s_logits.grad.abs().sum() > 0
+    # The student equal to the teacher: both directions are 0.
+    same = t_logp[None].roll(-1, dims=1).clone()  # logits at t-1 predict the token at t
+    assert float(topk_reverse_kl(same, ids, lps, mask)[0]) == pytest.approx(0.0, abs=1e-5)
+    assert float(topk_kl(same, ids, lps, mask)[0]) == pytest.approx(0.0, abs=1e-5)
+
+
+# ---- the phase ----------------------------------------------------------------------------
+def _pack(tiny_model_dir):
+    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
+    pack = PackedLora(model, 2, 4, 8, seeds=[1, 2])
+    with torch.no_grad():  # two different adapters, as after an off-policy phase
+        for p in pack.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model, tok, pack
+
+
+def test_each_adapter_samples_its_own_replies(tiny_model_dir):
+    """In one batch of rows for both slots, each row decodes under its own adapter: at a
+    near-zero temperature the replies are the ones greedy decoding gives for that adapter alone."""
+    model, tok, pack = _pack(tiny_model_dir)
+    cfg = TrainConfig(on_policy_temperature=1e-4, on_policy_max_new_tokens=8)
+    items = [(s, t) for t in INPUTS for s in (0, 1)]
+    got = sample_replies(model, pack, tok, items, cfg, model.device, seed=0)
+    for (slot, text), reply in zip(items, got):
+        ids = torch.tensor([render_chat(tok, student_messages(text))])
+        with torch.no_grad(), pack.route_to([slot]):
+            want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                  do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert reply == want[:len(reply)] and len(reply) >= 1
+    assert got[0::2] != got[1::2]  # the two adapters really differ
+    pack.remove()
+
+
+def test_the_phase_trains_on_the_teachers_topk_of_the_students_tokens(tiny_model_dir):
+    """run_phase: every example is an adapter's own sampled reply with, on its tokens, the
+    teacher's top-k -- the base without adapter, with the prompt -- and the adapters train on
+    them (reverse KL only), their AdamW steps going on from the off-policy phase's."""
+    model, tok, pack = _pack(tiny_model_dir)
+    cfg = TrainConfig(on_policy_epochs=2, on_policy_max_new_tokens=6, batch_size=2, lr=1e-2, autocast="off")
+    members = [PackMember(k, TrainingSet(inputs=list(INPUTS)), seed=i) for i, k in enumerate(("pirate", "fr"))]
+    opt = PackedAdamW(pack.parameters(), 2)
+    before = [{k: v.clone() for k, v in pack.adapter_state(i).items()} for i in range(2)]
+
+    class Prior:  # the off-policy phase's progress: 5 and 3 steps taken
+        step = [5, 3]
+
+    seen = []
+    orig = opt.set_adapters
+    opt.set_adapters = lambda lr, active, step: (seen.append(list(step)), orig(lr, active, step))[1]
+    prog = run_phase(model, pack, tok, members, PROMPTS, cfg, tok.pad_token_id, model.device, optimizer=opt,
+                     prior=Prior)
+    info = [m.ts.phase_info["on_policy"] for m in members]
+    assert all(i["examples"] + sum(i["dropped"].values()) == len(INPUTS) for i in info)
+    assert all(i["examples"] >= 2 and len(i["epoch_losses"]) == 2 for i in info)
+    assert seen[0] == [6, 4]  # AdamW's step count goes on
+    for i in range(2):
+        after = pack.adapter_state(i)
+        assert any(not torch.equal(after[k], before[i][k]) for k in after)
+    assert prog.pack_steps == max(prog.total)
+
+    # One example checked against the teacher computed here: the prompted base, no adapter.
+    from genpi.train.onpolicy import phase_sets
+
+    sets = phase_sets(model, pack, tok, PROMPTS, [INPUTS[:1], []], cfg, model.device, seed=3)
+    [(kind, ex)] = sets[0].examples
+    assert kind == "sft" and ex.kl_ids is not None
+    pos = [j for j, m in enumerate(ex.kl_mask) if m]
+    reply = [ex.input_ids[j] for j in pos]
+    ctx = render_chat(tok, teacher_messages(PROMPTS[0], INPUTS[0]))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ctx + reply])).logits[0]
+    lp = torch.log_softmax(logits[len(ctx) - 1:len(ctx) - 1 + len(reply)], -1)
+    assert [row[0] for row in (ex.kl_ids[j] for j in pos)] == lp.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor([ex.kl_logprobs[j][:TOP_K] for j in pos]), lp.topk(TOP_K).values,
+                               rtol=1e-4, atol=1e-4)
+    pack.remove()
+
+
+def test_train_local_runs_the_phase_and_reports_it(tiny_model_dir, tmp_path):
+    """The in-process runner with train.on_policy_epochs=1: train.json has the phase's figures."""
+    from fake_synth import train_jobs
+
+    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
+    store = Store(tmp_path / "store")
+    jobs = train_jobs(store, tok, ["fr1"])
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=4",
+                             "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_epochs=1",
+                             "train.on_policy_max_new_tokens=6"])
+    [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
+    assert out.status == "trained", out
+    op = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
+    assert op["epochs"] == 1 and op["examples"] > 0 and op["steps"] >= 1
