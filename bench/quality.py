@@ -81,6 +81,13 @@ def settings() -> dict[str, dict]:
         # fewer epochs, on the same synthesis.
         "epochs3": {"label": "joint, 3 epochs", "overrides": {**joint, "train.epochs": 3}},
         "epochs2": {"label": "joint, 2 epochs", "overrides": {**joint, "train.epochs": 2}},
+        # The on-policy phase after the default's epochs: 2 epochs of reverse KL on the
+        # adapter's own replies, at a quarter of the learning rate (a refinement of the
+        # off-policy adapter, whose cosine schedule ended near 0, not a second training).
+        "onpolicy": {"label": "joint + on-policy phase",
+                     "overrides": {**joint, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
+        # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
+        "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }
 
 

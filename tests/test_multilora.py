@@ -133,3 +133,30 @@ def test_exported_adapter_loads_in_plain_peft_and_matches(pair, tiny_llama, tmp_
     other.load_peft(0, str(tmp_path / "ad1"))
     for name, m in other.modules.items():
         torch.testing.assert_close(m.lora_A[0], pack.modules[name].lora_A[1])
+
+
+def test_a_batch_on_one_adapter_takes_two_matmuls_and_gives_the_gathered_result(tiny_llama):
+    """Every row on the same adapter runs plain matmuls (route.single) instead of per-row
+    gathers and bmm: same outputs and same gradients as those rows in a mixed batch."""
+    model = tiny_llama(seed=0)
+    pack = PackedLora(model, 3, 4, 8, seeds=[1, 2, 3])
+    with torch.no_grad():
+        for p in pack.parameters():
+            p.normal_(std=0.2)
+    ids = torch.randint(1, 128, (3, 7))
+
+    def run(route):
+        for p in pack.parameters():
+            p.grad = None
+        with pack.route_to(route):
+            assert (pack.route.single is not None) == (len(set(route)) == 1)
+            out = model(input_ids=ids).logits
+        out[:2].pow(2).sum().backward()  # rows 0 and 1 only: adapter 2's rows in both batches
+        return out[:2].detach(), [p.grad[2].clone() for p in pack.parameters()]
+
+    single, g_single = run([2, 2, 2])
+    mixed, g_mixed = run([2, 2, 0])
+    torch.testing.assert_close(single, mixed, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_single, g_mixed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    pack.remove()

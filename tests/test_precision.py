@@ -79,3 +79,24 @@ def test_a_bf16_autocast_step_trains_as_fp32_does(tiny_llama, single_thread_torc
     cos = torch.nn.functional.cosine_similarity(g16, g32, dim=0)
     assert cos > 0.99, cos
     assert not torch.equal(g16, g32)  # bf16 really ran: not the same numbers
+
+
+def test_training_under_autocast_uses_eager_attention_and_gives_the_model_back(tiny_llama, single_thread_torch):
+    """The CPU's bf16 flash-attention backward is slow: training swaps in eager attention for
+    its loop and restores the model's own (which the engine sharing it generates with)."""
+    from genpi.train.loop import TrainingSet
+    from genpi.train.packed import PackedAdamW, PackMember, train_pack
+
+    model = tiny_llama(seed=0)
+    model.set_attn_implementation("sdpa")
+    samples = _samples(128, 4)
+    ts = TrainingSet(examples=[("sft", ex) for _, _, ex in samples])
+    seen = {}
+    for setting in ("bf16", "off"):
+        cfg = TrainConfig(lora_r=4, lora_alpha=8, epochs=1, batch_size=2, autocast=setting)
+        pack = PackedLora(model, 1, 4, 8, seeds=[0])
+        train_pack(model, pack, [PackMember("a", ts)], cfg, 0, optimizer=PackedAdamW(pack.parameters(), 1),
+                   on_step=lambda pr: seen.setdefault(setting, model.config._attn_implementation))
+        pack.remove()
+        assert model.config._attn_implementation == "sdpa"
+    assert seen == {"bf16": "eager", "off": "sdpa"}

@@ -231,8 +231,14 @@ def test_val_kl_stops_one_adapter_early_and_the_pack_goes_on(tiny_llama, monkeyp
     monkeypatch.setattr(validation, "score", refuse)
     monkeypatch.setattr(validation, "record", refuse)
     alone, _, alone_prog = _train(tiny_llama, members[2:], cfg)
-    assert _equal(pack.adapter_state(2), alone.adapter_state(0))
-    assert (prog.stop_reason[2], prog.epoch_losses[2]) == (alone_prog.stop_reason[0], alone_prog.epoch_losses[0])
+    # Close, not bit-equal: alone, every row is on one adapter (plain matmuls), in the pack
+    # rows of several adapters share a batch (per-row bmm), which rounds differently.
+    got, want = pack.adapter_state(2), alone.adapter_state(0)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+    assert prog.stop_reason[2] == alone_prog.stop_reason[0]
+    assert prog.epoch_losses[2] == pytest.approx(alone_prog.epoch_losses[0], rel=1e-6)
 
 
 class Interrupt(Exception):

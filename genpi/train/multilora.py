@@ -25,6 +25,7 @@ import os
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # PEFT's "all-linear" leaves out the output layer; so do we (by name, as PEFT does).
@@ -37,6 +38,9 @@ class _Route:
     def __init__(self) -> None:
         self.index: Tensor | None = None
         self.any_base = False
+        # The adapter every sample uses, when they all use one (a pack of one, a batch of one
+        # adapter's samples): two plain matmuls instead of per-sample gathers and bmm.
+        self.single: int | None = None
         # Serving only: a per-sample factor replacing alpha/r (adapters of different alpha/r
         # share one stack, and a `strength` scales one row); 0 for rows on the base.
         self.scale: Tensor | None = None
@@ -60,11 +64,20 @@ class PackedLoraLinear(nn.Module):
         n = x.shape[0]
         if idx.shape[0] != n:
             raise ValueError(f"adapter index has {idx.shape[0]} entries for a batch of {n}")
-        safe = idx.clamp_min(0)
-        a = self.lora_A.index_select(0, safe)  # [B, r, in]: this sample's A
-        b = self.lora_B.index_select(0, safe)  # [B, out, r]
-        h = torch.bmm(self.dropout(x).reshape(n, -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))
-        up = torch.bmm(h, b.transpose(1, 2))  # [B, T, out]
+        h_in = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmuls cast their inputs themselves; a cast here would only
+            # copy the activations to fp32 for autocast to copy them back to bf16.
+            h_in = h_in.to(self.lora_A.dtype)
+        k = self.route.single
+        if k is not None:  # measured on SmolLM2 training: the gathers and bmm cost as much as the base
+            up = F.linear(F.linear(h_in, self.lora_A[k]), self.lora_B[k]).reshape(n, -1, self.lora_B.shape[1])
+        else:
+            safe = idx.clamp_min(0)
+            a = self.lora_A.index_select(0, safe)  # [B, r, in]: this sample's A
+            b = self.lora_B.index_select(0, safe)  # [B, out, r]
+            h = torch.bmm(h_in.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
+            up = torch.bmm(h, b.transpose(1, 2))  # [B, T, out]
         if self.route.scale is not None:
             return y + (up * self.route.scale.to(up.dtype).view(n, 1, 1)).view_as(y).to(y.dtype)
         if self.route.any_base:  # samples routed to the base get no update
@@ -145,14 +158,17 @@ class PackedLora:
         idx = torch.as_tensor(index, dtype=torch.long, device=dev)
         if idx.numel() and int(idx.max()) >= self.n_adapters:
             raise ValueError(f"adapter index {int(idx.max())} out of range for a pack of {self.n_adapters}")
-        prev = (self.route.index, self.route.any_base, self.route.scale)
-        # One host sync per forward (not per layer) to skip the masking when no sample is on the base.
+        prev = (self.route.index, self.route.any_base, self.route.scale, self.route.single)
+        # Host syncs once per forward (not per layer): to skip the masking when no sample is on
+        # the base, and to take the one-adapter path when every sample is on the same adapter.
         self.route.index, self.route.any_base = idx, bool((idx < 0).any())
+        first = int(idx[0]) if idx.numel() else -1
+        self.route.single = first if first >= 0 and bool((idx == first).all()) else None
         self.route.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32, device=dev)
         try:
             yield
         finally:
-            self.route.index, self.route.any_base, self.route.scale = prev
+            self.route.index, self.route.any_base, self.route.scale, self.route.single = prev
 
     # ---- one adapter in and out ---------------------------------------------------------
     def adapter_state(self, k: int) -> dict[str, Tensor]:

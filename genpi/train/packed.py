@@ -309,47 +309,49 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
             # boundary: only the step's last micro-batch is one. We scale the loss ourselves.
             engine.set_gradient_accumulation_boundary(last)
             engine.backward(loss, scale_wrt_gas=False)
-    model.train()
-    while not all(prog.done):
-        t0 = time.time()
-        active = [i for i, d in enumerate(prog.done) if not d]
-        samples = [(i, plans[i][prog.step[i]][1], ex) for i in active for ex in plans[i][prog.step[i]][2]]
-        # To the host once per step (after the collective): the logs below are Python floats.
-        sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward,
-                                 divergence).cpu()
-        inner.set_adapters([lr_at(prog.step[i], prog.total[i], cfg) for i in range(len(members))],
-                           [not d for d in prog.done], [s + 1 + offset[i] for i, s in enumerate(prog.step)])
-        if engine is not None:
-            engine.step()
-        else:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        prog.tokens += sum(len(ex) for _, _, ex in samples)
-        losses, means = joint_loss(sums, counts, weights)
-        ended = []
-        for i in active:
-            epoch, kind = plans[i][prog.step[i]][:2]
-            logs = {"step": prog.step[i], "epoch": epoch, "kind": kind, "loss": float(losses[i]),
-                    "grad_norm": float(inner.last_grad_norms[i]), "lr": lr_at(prog.step[i], prog.total[i], cfg)}
-            logs.update({name: float(m) for name, m, n in zip(PARTS, means[i], counts[i]) if n > 0})
-            prog.history[i].append(logs)
-            prog.cur_sum[i] += logs["loss"]
-            prog.cur_n[i] += 1
-            prog.step[i] += 1
-            last_of_epoch = prog.step[i] == prog.total[i] or plans[i][prog.step[i]][0] != epoch
-            if last_of_epoch:
-                ended.append(i)
-        scored = [i for i in ended if i in vals]
-        if scored:  # after the step: the weights the epoch ended with
-            kl = validation.score(model, pack, {i: vals[i] for i in scored}, cfg, pad_id, device, rank, world)
-            for i in scored:
-                validation.record(prog, pack, i, kl[i])
-        for i in ended:
-            _end_epoch(prog, i, cfg)
-        prog.pack_steps += 1
-        prog.seconds += time.time() - t0
-        if on_step:
-            on_step(prog)
+    # Eager attention while a CPU trains in bf16 (precision.training_attention).
+    with precision.training_attention(model, cfg.autocast, device):
+        model.train()
+        while not all(prog.done):
+            t0 = time.time()
+            active = [i for i, d in enumerate(prog.done) if not d]
+            samples = [(i, plans[i][prog.step[i]][1], ex) for i in active for ex in plans[i][prog.step[i]][2]]
+            # To the host once per step (after the collective): the logs below are Python floats.
+            sums, counts = pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward,
+                                     divergence).cpu()
+            inner.set_adapters([lr_at(prog.step[i], prog.total[i], cfg) for i in range(len(members))],
+                               [not d for d in prog.done], [s + 1 + offset[i] for i, s in enumerate(prog.step)])
+            if engine is not None:
+                engine.step()
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            prog.tokens += sum(len(ex) for _, _, ex in samples)
+            losses, means = joint_loss(sums, counts, weights)
+            ended = []
+            for i in active:
+                epoch, kind = plans[i][prog.step[i]][:2]
+                logs = {"step": prog.step[i], "epoch": epoch, "kind": kind, "loss": float(losses[i]),
+                        "grad_norm": float(inner.last_grad_norms[i]), "lr": lr_at(prog.step[i], prog.total[i], cfg)}
+                logs.update({name: float(m) for name, m, n in zip(PARTS, means[i], counts[i]) if n > 0})
+                prog.history[i].append(logs)
+                prog.cur_sum[i] += logs["loss"]
+                prog.cur_n[i] += 1
+                prog.step[i] += 1
+                last_of_epoch = prog.step[i] == prog.total[i] or plans[i][prog.step[i]][0] != epoch
+                if last_of_epoch:
+                    ended.append(i)
+            scored = [i for i in ended if i in vals]
+            if scored:  # after the step: the weights the epoch ended with
+                kl = validation.score(model, pack, {i: vals[i] for i in scored}, cfg, pad_id, device, rank, world)
+                for i in scored:
+                    validation.record(prog, pack, i, kl[i])
+            for i in ended:
+                _end_epoch(prog, i, cfg)
+            prog.pack_steps += 1
+            prog.seconds += time.time() - t0
+            if on_step:
+                on_step(prog)
     validation.restore_best(pack, prog)
     return prog
 
