@@ -147,7 +147,7 @@ class TrainConfig(_Strict):
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
     # Matmuls of training under bf16 autocast (weights and optimizer state stay fp32):
-    # "auto" = on a CPU with native bf16 units (Intel AMX), where it runs ~1.7x faster, and
+    # "auto" = on a CPU with native bf16 units (Intel AMX), where training ran 1.5x faster, and
     # off elsewhere (a GPU trains the bf16 model as it is); "bf16" forces it, "off" = fp32.
     # See genpi.train.precision for the measurements.
     autocast: Literal["auto", "bf16", "off"] = "auto"
@@ -231,7 +231,8 @@ HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkp
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
-                         "on_policy_temperature": 1.0, "on_policy_lr": None}, "synth": {"seed_topics": 0, "section_inputs": 0}}
+                         "on_policy_temperature": 1.0, "on_policy_lr": None},
+               "synth": {"seed_topics": 0, "section_inputs": 0}}
 
 
 # --------------------------------------------------------------------------- overrides

@@ -251,3 +251,39 @@ def serve_store_template(tiny_model_dir, tmp_path_factory):
     _internalize(_manifest(root / "m.yaml", PROMPTS), store, tiny_model_dir)
     assert set(Store(store).registry()) == set(PROMPTS)
     return {"store": store, "model_dir": tiny_model_dir}
+
+
+_ONE_RANK_ENV = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def _one_rank_group_once():
+    """The gloo group is created once per session: DeepSpeed keeps a reference to the first
+    group it initialised, so a second init after destroying it fails ("not registered")."""
+    import socket
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    saved = {k: os.environ.get(k) for k in (*_ONE_RANK_ENV, "MASTER_PORT")}
+    os.environ.update(_ONE_RANK_ENV, MASTER_PORT=port)
+    try:
+        deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+    finally:  # the rest of the session (Ray workers among them) must not inherit a rank
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield port
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def one_rank_group(_one_rank_group_once, monkeypatch):
+    """A one-process gloo group, as DeepSpeed needs one (the ZeRO-2 path on the CPU), with
+    the rank environment DeepSpeed reads while a test runs."""
+    for k, v in {**_ONE_RANK_ENV, "MASTER_PORT": _one_rank_group_once}.items():
+        monkeypatch.setenv(k, v)
+    yield

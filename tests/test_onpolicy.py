@@ -139,3 +139,31 @@ def test_train_local_runs_the_phase_and_reports_it(tiny_model_dir, tmp_path):
     assert out.status == "trained", out
     op = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
     assert op["epochs"] == 1 and op["examples"] > 0 and op["steps"] >= 1
+
+
+def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model_dir, one_rank_group):
+    """The Ray runner's path: the phase trains through the pack's DeepSpeed ZeRO-2 engine (its
+    optimizer wraps the PackedAdamW, whose step count goes on from the off-policy phase's)."""
+    from genpi.train.trainer import pack_engine
+
+    model, tok, pack = _pack(tiny_model_dir)
+    cfg = TrainConfig(on_policy_epochs=1, on_policy_max_new_tokens=6, batch_size=3, lr=1e-2)
+    members = [PackMember(k, TrainingSet(inputs=list(INPUTS)), seed=i) for i, k in enumerate(("pirate", "fr"))]
+    before = [{k: v.clone() for k, v in pack.adapter_state(i).items()} for i in range(2)]
+    opt = PackedAdamW(pack.parameters(), 2)
+    seen = []
+    orig = opt.set_adapters
+    opt.set_adapters = lambda lr, active, step: (seen.append(list(step)), orig(lr, active, step))[1]
+
+    class Prior:
+        step = [4, 4]
+
+    with pack_engine(pack, opt, zero_stage=2, bf16=False) as engine:
+        prog = run_phase(model, pack, tok, members, PROMPTS, cfg, tok.pad_token_id, model.device, engine=engine,
+                         prior=Prior)
+    assert prog.pack_steps >= 1 and seen[0] == [5, 5]
+    assert all(m.ts.phase_info["on_policy"]["examples"] >= 2 for m in members)
+    for i in range(2):
+        after = pack.adapter_state(i)
+        assert any(not torch.equal(after[k], before[i][k]) for k in after)
+    pack.remove()

@@ -3,9 +3,6 @@ passes, a finished pack's DeepSpeed engine is freed, workers use the CPUs Ray ga
 from __future__ import annotations
 
 import gc
-import os
-import pathlib
-import socket
 import weakref
 
 import pytest
@@ -22,7 +19,6 @@ from genpi.train.trainer import pack_engine
 from fake_synth import train_jobs
 from test_packed_train import PAD, _training_set
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 # fp32 (train.autocast=off): these equalities are exact only in fp32; bf16 matmuls round
 # differently with the batch's shape (tests/test_precision.py covers the autocast).
 CFG = TrainConfig(lora_r=4, lora_alpha=8, epochs=1, batch_size=3, lr=5e-3, grad_clip=0.05, autocast="off")
@@ -85,25 +81,6 @@ def test_worker_threads_follow_the_cpus_ray_assigned(ray_local):
     assert before == 1 and got == after == 2
 
 
-@pytest.fixture
-def one_rank_group(monkeypatch):
-    """A one-process gloo group, as DeepSpeed needs one (the ZeRO-2 path on the CPU)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    import deepspeed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
-    yield
-    torch.distributed.destroy_process_group()
-
-
 def _live_tensor_bytes() -> int:
     gc.collect()
     seen, total = set(), 0
@@ -144,8 +121,8 @@ def test_four_packs_in_sequence_free_each_engine(tiny_llama, one_rank_group, sin
     assert abs(memory[-1] - memory[0]) <= 4096, memory
 
 
-TRAIN = ["train.autocast=off", "train.epochs=1", "train.batch_size=3", "train.lora_r=4", "train.lora_alpha=8", "train.pack_size=1",
-         "train.zero_stage=2", "train.lr=1e-2", "cluster.cpus_per_train_worker=1"]
+TRAIN = ["train.autocast=off", "train.epochs=1", "train.batch_size=3", "train.lora_r=4", "train.lora_alpha=8",
+         "train.pack_size=1", "train.zero_stage=2", "train.lr=1e-2", "cluster.cpus_per_train_worker=1"]
 
 
 # Before the fix the ranks' collectives diverge and wait on each other: the 60 s collective
