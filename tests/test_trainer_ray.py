@@ -11,7 +11,7 @@ import torch
 from genpi.config import load_config
 from genpi.store import Store
 from genpi.train.jobs import TrainJob, plan_packs, prepare_jobs
-from genpi.train.trainer import train_many
+from genpi.train.trainer import PLAIN_STATE, train_many
 
 from fake_synth import train_jobs as _jobs  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_two_workers_zero2_publish_peft_adapters(ray_local, smollm_tokenizer, tm
     packs = [status[k].pack for k in ("fr1", "fr2", "fr3")]
     assert sorted(packs.count(p) for p in set(packs)) == [1, 2]  # pack_size=2: one pack of 2, one of 1
     st = status["fr1"].stats
-    assert st["workers"] == 2 and st["zero_stage"] == 2 and len(st["worker_memory"]) == 2
+    assert st["workers"] == 2 and st["zero_stage"] == 2 and st["deepspeed"] and len(st["worker_memory"]) == 2
     assert all(m["peak_rss_mb"] > 100 for m in st["worker_memory"])
     assert st["steps"] == st["planned_steps"] == 3 and st["stop_reason"] == "finished"
 
@@ -89,11 +89,14 @@ def _adapter(pdir):
     return load_file(f"{pdir}/adapter/adapter_model.safetensors")
 
 
-def test_resume_after_a_failure_gives_the_same_adapters(ray_local, tiny_model_dir, smollm_tokenizer, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1], ids=["deepspeed-2-workers", "plain-1-worker"])
+def test_resume_after_a_failure_gives_the_same_adapters(ray_local, tiny_model_dir, smollm_tokenizer, tmp_path,
+                                                        workers):
     """A worker fails after a checkpoint; Ray Train restarts the workers from it; the adapters
-    equal those of an uninterrupted run."""
+    equal those of an uninterrupted run. Two workers checkpoint through DeepSpeed; one CPU
+    worker trains without it (trainer.uses_deepspeed) and checkpoints its own torch file."""
     cfg = load_config(None, [*TRAIN, f"model.name={tiny_model_dir}", "train.checkpoint_every_steps=2",
-                             "train.epochs=2", "train.lr=5e-3"])
+                             "train.epochs=2", "train.lr=5e-3", f"cluster.train_workers={workers}"])
     results = {}
     for name, fail in (("plain", None), ("resumed", 3)):
         store = Store(tmp_path / name)
@@ -103,8 +106,12 @@ def test_resume_after_a_failure_gives_the_same_adapters(ray_local, tiny_model_di
         results[name] = [_adapter(j.pdir) for j in jobs]
         # 6 pack steps, checkpoints every 2; the injected failure comes right after the one at step 4.
         assert outcomes[0].stats["resumed_at_pack_step"] == (4 if fail else None)
+        assert outcomes[0].stats["deepspeed"] is (workers > 1)
     marker_runs = glob.glob(str(tmp_path / "resumed/runs/train/resumed/checkpoint_*"))
     assert marker_runs, "the resumed run reported no checkpoint"
+    saved = glob.glob(str(tmp_path / "resumed/runs/train/resumed/checkpoint_*/**/*"), recursive=True)
+    if workers == 1:
+        assert any(f.endswith(PLAIN_STATE) for f in saved) and not any("optim_states" in f for f in saved)
     for plain, resumed in zip(results["plain"], results["resumed"]):
         assert plain.keys() == resumed.keys()
         assert any(float(v.abs().max()) > 0 for k, v in plain.items() if "lora_B" in k)
