@@ -1,7 +1,8 @@
 """transformers engine: batched, left-padded generation on CPU or GPU.
 
 Requests are grouped by their sampling settings and adapter, sorted by length inside a
-group (less padding), and run `batch_size` at a time. Top-k log-probabilities come from
+group (less padding), and run `batch_size` at a time through :func:`genpi.engines.decode.decode`
+(rows leave the batch as they end). Top-k log-probabilities come from
 the raw logits (temperature 1), which is the teacher distribution the KL term wants even
 when the tokens themselves were sampled at another temperature.
 """
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from genpi.engines.base import ChatRequest, Completion, render_chat
+from genpi.engines.decode import decode
 
 
 class HFEngine:
@@ -88,51 +90,20 @@ class HFEngine:
         for row, x in enumerate(ids):  # left padding: generation continues from the right edge
             input_ids[row, width - len(x) :] = torch.tensor(x)
             attn[row, width - len(x) :] = 1
-        sample = r0.temperature > 0
         if r0.seed is not None:
             torch.manual_seed(r0.seed)
-        kwargs = dict(
-            max_new_tokens=r0.max_new_tokens,
-            do_sample=sample,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-            return_dict_in_generate=True,
-            output_logits=r0.top_k_logprobs > 0,
-        )
-        if sample:
-            kwargs.update(temperature=r0.temperature, top_p=r0.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         with self._adapter(r0.adapter):
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **kwargs
-            )
-        gen = out.sequences[:, width:].cpu()
-        topk_vals = topk_idx = None
-        if r0.top_k_logprobs > 0:
-            # [steps, B, V] raw logits -> top-k of log-softmax, one step at a time to bound memory.
-            vals, idx = [], []
-            for step_logits in out.logits:
-                lp = torch.log_softmax(step_logits.float(), dim=-1)
-                v, i = lp.topk(r0.top_k_logprobs, dim=-1)
-                vals.append(v.cpu())
-                idx.append(i.cpu())
-            topk_vals = torch.stack(vals, dim=1)  # [B, steps, k]
-            topk_idx = torch.stack(idx, dim=1)
+            rows = decode(self.model, input_ids.to(self.device), attn.to(self.device),
+                          max_new_tokens=r0.max_new_tokens, eos_ids=self.eos_ids, temperature=r0.temperature,
+                          top_p=r0.top_p, top_k_logprobs=r0.top_k_logprobs)
         eos = set(self.eos_ids)
         completions = []
-        for row in range(len(reqs)):
-            toks = gen[row].tolist()
-            n, finish = len(toks), "length"
-            for j, t in enumerate(toks):
-                if t in eos:
-                    n, finish = j + 1, "stop"  # keep the end-of-turn id: the trainer learns to stop
-                    break
-            toks = toks[:n]
-            text = self.tok.decode([t for t in toks if t not in eos], skip_special_tokens=True)
-            c = Completion(text=text.strip(), token_ids=toks, finish_reason=finish, prompt_tokens=len(ids[row]))
-            if topk_idx is not None:
-                c.topk_ids = topk_idx[row, :n].tolist()
-                c.topk_logprobs = topk_vals[row, :n].tolist()
+        for row, d in zip(ids, rows):
+            # The end-of-turn id stays in token_ids: the trainer learns to stop.
+            text = self.tok.decode([t for t in d.tokens if t not in eos], skip_special_tokens=True)
+            c = Completion(text=text.strip(), token_ids=d.tokens, finish_reason=d.finish_reason,
+                           prompt_tokens=len(row))
+            if r0.top_k_logprobs > 0:
+                c.topk_ids, c.topk_logprobs = d.topk_ids, d.topk_logprobs
             completions.append(c)
         return completions
