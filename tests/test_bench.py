@@ -20,7 +20,7 @@ def bench():
     """The bench/ scripts as modules (they are scripts, not a package)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        yield {m: importlib.import_module(m) for m in ("common", "quality", "efficiency", "run", "train", "gpu_check")}
+        yield {m: importlib.import_module(m) for m in ("common", "quality", "efficiency", "run", "train", "gpu_check", "decode")}
     finally:
         sys.path.remove(str(REPO / "bench"))
 
@@ -116,6 +116,20 @@ def test_efficiency_bench_on_a_tiny_model(bench, tiny_model_dir, single_thread_t
     assert not hasattr(model, "peft_config")  # the adapter was removed again
     md = bench["efficiency"].table(res)
     assert md.count("\n") == 3 and "| 256 |" in md
+
+
+def test_decode_bench_runs_both_arms_on_the_same_batch(bench, tiny_model_dir, single_thread_torch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    res = bench["decode"].run(model, tok, 4, 6, "cpu", repeats=1)
+    assert set(res) == {"synthesis", "evaluation"}
+    for r in res.values():
+        assert all(len(runs) == 1 and runs[0]["tokens"] > 0 for runs in r["arms"].values())
+        assert r["ratio_loop_over_generate"] > 0
+    greedy = res["evaluation"]["arms"]
+    assert greedy["loop"][0]["tokens"] == greedy["generate"][0]["tokens"]  # the same greedy replies
 
 
 def test_quality_suite_end_to_end_on_a_tiny_model_and_resumes(bench, tiny_model_dir, tmp_path, single_thread_torch):
