@@ -58,6 +58,20 @@ def test_finished_rows_leave_the_batch(tiny_llama):
     assert sizes == sorted(sizes, reverse=True)
 
 
+def test_each_row_stops_at_its_own_limit(tiny_llama):
+    """Requests with different max_new_tokens share a batch: each row ends at its own limit
+    with the tokens a batch of that limit alone gives (greedy)."""
+    model = tiny_llama(vocab_size=128, seed=1)
+    ids, mask = _left_padded(PROMPTS, pad=0)
+    limits = [3, 9, 1, 6]
+    got = decode(model, ids, mask, max_new_tokens=limits, eos_ids=[])
+    alone = decode(model, ids, mask, max_new_tokens=9, eos_ids=[])
+    for d, a, n in zip(got, alone, limits):
+        assert d.tokens == a.tokens[:n] and d.finish_reason == "length"
+    with pytest.raises(ValueError, match="3 max_new_tokens for 4 rows"):
+        decode(model, ids, mask, max_new_tokens=limits[:3], eos_ids=[])
+
+
 def _hf_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     from transformers.generation.logits_process import TopPLogitsWarper
 

@@ -26,9 +26,6 @@ class ChatRequest:
     assistant_prefix: str | None = None
     tag: Any = None  # caller's bookkeeping, returned untouched
 
-    def sampling_key(self) -> tuple:
-        return (self.adapter, self.temperature, self.top_p, self.max_new_tokens, self.top_k_logprobs)
-
 
 @dataclass
 class Completion:

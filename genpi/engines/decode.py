@@ -78,14 +78,18 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch
 
 
 @torch.no_grad()
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int | list[int],
            eos_ids: list[int], temperature: float = 0.0, top_p: float = 1.0, top_k_logprobs: int = 0) -> list[Decoded]:
     """Continue each left-padded row of ``input_ids`` [B, W] until an id of ``eos_ids`` or
-    ``max_new_tokens``; one :class:`Decoded` per row. Sampling uses torch's global generator."""
+    ``max_new_tokens`` (one limit for all rows, or one per row: requests with different
+    limits share a batch); one :class:`Decoded` per row. Sampling uses torch's global generator."""
     from transformers import DynamicCache
 
     out = [Decoded() for _ in range(len(input_ids))]
-    if max_new_tokens <= 0 or len(input_ids) == 0:
+    limits = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(input_ids):
+        raise ValueError(f"{len(limits)} max_new_tokens for {len(input_ids)} rows")
+    if len(input_ids) == 0 or max(limits) <= 0:
         return out
     mask = attention_mask
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -95,22 +99,22 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     pos = pos[:, -1:]
     rows = list(range(len(input_ids)))  # the original row of each row still decoding
     eos = torch.tensor(eos_ids, device=input_ids.device)
-    for step in range(max_new_tokens):
+    for step in range(max(limits)):
         if top_k_logprobs:
             v, i = torch.log_softmax(logits, -1).topk(top_k_logprobs, dim=-1)
             for r, vr, ir in zip(rows, v.cpu().tolist(), i.cpu().tolist()):
                 out[r].topk_logprobs.append(vr)
                 out[r].topk_ids.append(ir)
         tok = next_tokens(logits, temperature, top_p)
-        ended = torch.isin(tok, eos)
-        for r, t, e in zip(rows, tok.cpu().tolist(), ended.cpu().tolist()):
+        stops = torch.isin(tok, eos).cpu().tolist()
+        ended = []
+        for r, t, e in zip(rows, tok.cpu().tolist(), stops):
             out[r].tokens.append(t)
             if e:
                 out[r].finish_reason = "stop"
-        if step == max_new_tokens - 1:
-            break
-        if bool(ended.any()):
-            keep = (~ended).nonzero().flatten()
+            ended.append(e or len(out[r].tokens) >= limits[r])
+        if any(ended):
+            keep = torch.tensor([j for j, e in enumerate(ended) if not e], dtype=torch.long, device=tok.device)
             if len(keep) == 0:
                 break
             cache.batch_select_indices(keep)

@@ -51,7 +51,8 @@ class HFEngine:
         encoded = [self.render(r.messages, r.assistant_prefix) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(r.sampling_key(), []).append(i)
+            # Not split by max_new_tokens: each row of a batch stops at its own limit.
+            groups.setdefault((r.adapter, r.temperature, r.top_p, r.top_k_logprobs), []).append(i)
         for key, idxs in groups.items():
             idxs.sort(key=lambda i: len(encoded[i]))
             for start in range(0, len(idxs), self.batch_size):
@@ -94,7 +95,8 @@ class HFEngine:
             torch.manual_seed(r0.seed)
         with self._adapter(r0.adapter):
             rows = decode(self.model, input_ids.to(self.device), attn.to(self.device),
-                          max_new_tokens=r0.max_new_tokens, eos_ids=self.eos_ids, temperature=r0.temperature,
+                          max_new_tokens=[r.max_new_tokens for r in reqs], eos_ids=self.eos_ids,
+                          temperature=r0.temperature,
                           top_p=r0.top_p, top_k_logprobs=r0.top_k_logprobs)
         eos = set(self.eos_ids)
         completions = []
