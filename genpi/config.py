@@ -40,14 +40,15 @@ class ModelConfig(_Strict):
 
 class EngineConfig(_Strict):
     kind: Literal["hf", "vllm"] = "hf"
-    # Requests per generate call on the transformers engine. With its own decoding loop
-    # (genpi/engines/decode.py: finished rows leave the batch, each row stops at its own
-    # max_new_tokens, so a wide batch no longer waits for its longest reply) wider is faster
-    # on 2 CPU cores (SmolLM2): 64 ran 1.28x the tokens/s of 32 on sampled replies with top-100
-    # log-probabilities, and 128 ran 1.11x 64 on the French example's 117 evaluation replies
-    # (under model.generate 64 was no better than 32). With vLLM it is only the rows handed
-    # over per call (its scheduler batches them; cluster/configs/gpu.yaml: 64).
-    batch_size: int = Field(default=128, gt=0)
+    # Requests per generate call on the transformers engine. 32 on 2 CPU cores (SmolLM2): with
+    # the engine's own decoding loop (genpi/engines/decode.py: finished rows leave the batch,
+    # each row stops at its own max_new_tokens) wider batches decode faster (64: 1.28x the
+    # tokens/s of 32 on sampled replies, 128: 1.11x 64 on the French evaluation's replies), but
+    # the inputs pass rounds its calls up to whole batches, and there a wider batch only makes
+    # more candidate inputs: the French job's inputs pass took 56 s at 32, 88 s at 64 and
+    # 198 s at 128, more than the replies and evaluation gained. With vLLM it is only the rows
+    # handed over per call (its scheduler batches them; cluster/configs/gpu.yaml: 64).
+    batch_size: int = Field(default=32, gt=0)
     # How many of the teacher's top tokens (with log-probabilities) synthesis records for the
     # KL term. 100 rather than Prompt Baking's 20: on SmolLM2 it raised the held-out KL ratio
     # from 0.62 to 0.66 at no training cost (vLLM needs max_logprobs >= this).
