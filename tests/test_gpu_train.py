@@ -193,7 +193,7 @@ def _deepspeed_engine(model, pack, opt, stage: int):
     PackedAdamW as the client optimizer, the ZeRO partitions bound back to their adapters."""
     import deepspeed
 
-    from genpi.train.trainer import deepspeed_config
+    from genpi.train.optim_backend import deepspeed_config
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=pack.parameters(), optimizer=opt,
                                       config=deepspeed_config(stage, True))

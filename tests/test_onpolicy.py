@@ -144,7 +144,7 @@ def test_train_local_runs_the_phase_and_reports_it(tiny_model_dir, tmp_path):
 def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model_dir, one_rank_group):
     """The Ray runner's path: the phase trains through the pack's DeepSpeed ZeRO-2 engine (its
     optimizer wraps the PackedAdamW, whose step count goes on from the off-policy phase's)."""
-    from genpi.train.trainer import pack_engine
+    from genpi.train.optim_backend import pack_engine
 
     model, tok, pack = _pack(tiny_model_dir)
     cfg = TrainConfig(on_policy_epochs=1, on_policy_max_new_tokens=6, batch_size=3, lr=1e-2)

@@ -14,7 +14,7 @@ from genpi.train.multilora import PackedLora
 from genpi.train.packed import PackedAdamW, PackMember, member_batches, pack_step, train_pack
 from genpi.rayinit import use_assigned_cpus
 from genpi.train.placement import split_cpus
-from genpi.train.trainer import pack_engine
+from genpi.train.optim_backend import pack_engine
 
 from fake_synth import train_jobs
 from test_packed_train import PAD, _training_set

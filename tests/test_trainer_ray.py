@@ -11,7 +11,8 @@ import torch
 from genpi.config import load_config
 from genpi.store import Store
 from genpi.train.jobs import TrainJob, plan_packs, prepare_jobs
-from genpi.train.trainer import PLAIN_STATE, train_many
+from genpi.train.optim_backend import PLAIN_STATE
+from genpi.train.trainer import train_many
 
 from fake_synth import train_jobs as _jobs  # noqa: E402
 
@@ -94,7 +95,7 @@ def test_resume_after_a_failure_gives_the_same_adapters(ray_local, tiny_model_di
                                                         workers):
     """A worker fails after a checkpoint; Ray Train restarts the workers from it; the adapters
     equal those of an uninterrupted run. Two workers checkpoint through DeepSpeed; one CPU
-    worker trains without it (trainer.uses_deepspeed) and checkpoints its own torch file."""
+    worker trains without it (optim_backend.uses_deepspeed) and checkpoints its own torch file."""
     cfg = load_config(None, [*TRAIN, f"model.name={tiny_model_dir}", "train.checkpoint_every_steps=2",
                              "train.epochs=2", "train.lr=5e-3", f"cluster.train_workers={workers}"])
     results = {}
