@@ -10,7 +10,7 @@ On one CUDA GPU, one after another, each in its own process with its own time li
   2. ``pytest -m gpu`` on tests/test_gpu_*.py: packed multi-LoRA vs PEFT in bf16 (outputs,
      gradients), DeepSpeed ZeRO 0/1/2 over NCCL (one worker) vs plain packed training, GPU
      memory back to baseline after several packs, the transformers engine's top-k;
-  3. the GPU arms of bench/train.py, bench/synth.py and bench/efficiency.py at sizes that
+  3. the GPU arms of bench/train.py, bench/synth.py, bench/decode.py and bench/efficiency.py at sizes that
      fit the budget (random-weight models of a named shape: no hub, no Ray, no vLLM).
 The JSON (default bench/results/gpu-check-<machine>.json) holds everything measured and
 everything skipped, each skip with its reason; the same summary is printed at the end.
@@ -46,7 +46,10 @@ GENPI_MODULES = ["genpi.config", "genpi.models", "genpi.chat", "genpi.manifest",
 BENCH_ARMS = [
     ("train", ["train.py", "--device", "cuda", "--model", "qwen2-0.5b"], 130),
     ("synth", ["synth.py", "--device", "cuda", "--model", "qwen2-0.5b-random", "--conversations", "16",
-               "--turns", "2", "--new-tokens", "24"], 90),
+               "--turns", "2", "--new-tokens", "24"], 80),
+    # The engine's decoding loop vs model.generate: 2 settings x 2 arms x 2 repeats of one batch.
+    ("decode", ["decode.py", "--device", "cuda", "--model", "qwen2-0.5b-random", "--rows", "32",
+                "--new-tokens", "64"], 30),
     ("efficiency", ["efficiency.py", "--device", "cuda", "--model", "qwen2-0.5b-random",
                     "--buckets", "64,256,1024,2048", "--repeats", "3"], 60),
 ]

@@ -296,7 +296,7 @@ def test_gpu_check_runs_without_cuda_and_says_what_it_skipped(tmp_path):
             "test_several_packs_return_gpu_memory_to_the_baseline",
             "test_engine_topk_is_the_log_softmax_of_raw_logits"} <= names
     assert all("torch.cuda.is_available() is False" in c["reason"] for c in tests["tests"])
-    assert set(res["bench"]) == {"train", "synth", "efficiency"}
+    assert set(res["bench"]) == {"train", "synth", "decode", "efficiency"}
     for arm in res["bench"].values():
         assert arm["status"] == "skipped" and "torch.cuda.is_available() is False" in arm["reason"]
     skipped = {s["what"] for s in res["skipped"]}

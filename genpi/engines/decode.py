@@ -47,7 +47,9 @@ def nucleus(scores: torch.Tensor, top_p: float,
     probs = (vals - lse).exp()
     # The token after the candidates is in the nucleus when the candidates' mass is below
     # top_p: only those rows (rare) are sorted whole.
-    wide = probs.sum(-1) < top_p if n < scores.shape[-1] else torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    wide = probs.sum(-1) < top_p
+    if n == scores.shape[-1]:  # the candidates are the whole vocabulary
+        wide = torch.zeros_like(wide)
     groups = []
     for sel, full in ((~wide, False), (wide, True)):
         rows = sel.nonzero().flatten()
@@ -98,7 +100,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
     pos = pos[:, -1:]
     rows = list(range(len(input_ids)))  # the original row of each row still decoding
-    eos = torch.tensor(eos_ids, device=input_ids.device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
     for step in range(max(limits)):
         if top_k_logprobs:
             v, i = torch.log_softmax(logits, -1).topk(top_k_logprobs, dim=-1)
