@@ -146,7 +146,7 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
     entries = load_suite(prompts)
     base, tok, resolved = load_model(cfg.model)
     identity = resolve_model(cfg.model).identity
-    engine = HFEngine(base, tok, cfg.engine.batch_size)
+    engine = HFEngine.for_model(base, tok, cfg)
     results: dict[str, dict] = {}
     bar = tqdm(entries, desc="quality suite", unit="prompt")
     for entry in bar:

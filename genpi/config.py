@@ -40,15 +40,18 @@ class ModelConfig(_Strict):
 
 class EngineConfig(_Strict):
     kind: Literal["hf", "vllm"] = "hf"
-    # Requests per generate call on the transformers engine. 32 on 2 CPU cores (SmolLM2): with
-    # the engine's own decoding loop (genpi/engines/decode.py: finished rows leave the batch,
-    # each row stops at its own max_new_tokens) wider batches decode faster (64: 1.28x the
-    # tokens/s of 32 on sampled replies, 128: 1.11x 64 on the French evaluation's replies), but
-    # the inputs pass rounds its calls up to whole batches, and there a wider batch only makes
-    # more candidate inputs: the French job's inputs pass took 56 s at 32, 88 s at 64 and
-    # 198 s at 128, more than the replies and evaluation gained. With vLLM it is only the rows
-    # handed over per call (its scheduler batches them; cluster/configs/gpu.yaml: 64).
-    batch_size: int = Field(default=32, gt=0)
+    # Rows per decoding batch of the transformers engine. 128 on 2 CPU cores (SmolLM2): with the
+    # engine's own decoding loop (genpi/engines/decode.py: finished rows leave the batch, each
+    # row stops at its own max_new_tokens) wider batches decode faster (64: 1.28x the tokens/s
+    # of 32 on sampled replies; 128: 1.19x 32 on the French evaluation's 117 greedy replies).
+    # The inputs pass does not follow it (genpi.synth.stages.INPUT_CALLS_UNIT). With vLLM it is
+    # only the rows handed over per call (its scheduler batches them; cluster/configs/gpu.yaml).
+    batch_size: int = Field(default=128, gt=0)
+    # ...and at most this many tokens per batch on the transformers engine, counting each row
+    # at the batch's longest prompt plus its most new tokens: this bounds the KV cache (SmolLM2:
+    # ~47 KB per token in fp32, so ~1.5 GB), so that 128 rows of a 1,100-token prompt run 28 at
+    # a time instead of filling 6 GB. vLLM has its own (max_num_batched_tokens).
+    max_batch_tokens: int = Field(default=32768, gt=0)
     # How many of the teacher's top tokens (with log-probabilities) synthesis records for the
     # KL term. 100 rather than Prompt Baking's 20: on SmolLM2 it raised the held-out KL ratio
     # from 0.62 to 0.66 at no training cost (vLLM needs max_logprobs >= this).
@@ -230,7 +233,7 @@ class GenpiConfig(_Strict):
 # Settings that change how a stage runs, never what it produces: left out of fingerprints,
 # so changing them does not redo finished work. Micro-batching adds up to the same gradients,
 # a pack trains each adapter as if alone (tested), ZeRO shards the same optimizer state, and
-# checkpoints only decide where a crashed run resumes. (engine.batch_size, cluster.* and
+# checkpoints only decide where a crashed run resumes. (engine.* but top_k_logprobs, cluster.* and
 # serve.* never enter a fingerprint at all.)
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
 # Settings added later, with the default that reproduces what came before them.

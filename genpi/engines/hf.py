@@ -1,8 +1,9 @@
 """transformers engine: batched, left-padded generation on CPU or GPU.
 
 Requests are grouped by their sampling settings and adapter, sorted by length inside a
-group (less padding), and run `batch_size` at a time through :func:`genpi.engines.decode.decode`
-(rows leave the batch as they end). Top-k log-probabilities come from
+group (less padding), and run at most `batch_size` rows and `max_batch_tokens` tokens (rows x
+(longest prompt + most new tokens), which bounds the KV cache) at a time through
+:func:`genpi.engines.decode.decode` (rows leave the batch as they end). Top-k log-probabilities come from
 the raw logits (temperature 1), which is the teacher distribution the KL term wants even
 when the tokens themselves were sampled at another temperature.
 """
@@ -18,10 +19,11 @@ from genpi.engines.decode import decode
 
 
 class HFEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_batch_tokens: int | None = None):
         self.model = model
         self.tok = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -35,7 +37,12 @@ class HFEngine:
         from genpi.models import load_model
 
         model, tok, _ = load_model(cfg.model)
-        return cls(model, tok, cfg.engine.batch_size)
+        return cls.for_model(model, tok, cfg)
+
+    @classmethod
+    def for_model(cls, model, tokenizer, cfg) -> "HFEngine":
+        """An engine over an already loaded model, sized by `cfg.engine`."""
+        return cls(model, tokenizer, cfg.engine.batch_size, cfg.engine.max_batch_tokens)
 
     # ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]], assistant_prefix: str | None = None) -> list[int]:
@@ -55,8 +62,7 @@ class HFEngine:
             groups.setdefault((r.adapter, r.temperature, r.top_p, r.top_k_logprobs), []).append(i)
         for key, idxs in groups.items():
             idxs.sort(key=lambda i: len(encoded[i]))
-            for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start : start + self.batch_size]
+            for chunk in self._chunks(idxs, encoded, requests):
                 outs = self._generate_batch([requests[i] for i in chunk], [encoded[i] for i in chunk])
                 for i, out in zip(chunk, outs):
                     out.tag = requests[i].tag
@@ -64,6 +70,21 @@ class HFEngine:
                 if progress:
                     progress(len(chunk))
         return results  # type: ignore[return-value]
+
+    def _chunks(self, idxs: list[int], encoded: list[list[int]], requests: list[ChatRequest]) -> list[list[int]]:
+        """`idxs` (sorted by prompt length) cut into decoding batches of at most batch_size rows
+        and max_batch_tokens tokens, counting every row at the batch's widest (left padding)."""
+        chunks, cur, new = [], [], 0
+        for i in idxs:
+            new_i = max(new, requests[i].max_new_tokens)
+            over = self.max_batch_tokens is not None and \
+                (len(cur) + 1) * (len(encoded[i]) + new_i) > self.max_batch_tokens
+            if cur and (len(cur) == self.batch_size or over):
+                chunks.append(cur)
+                cur, new_i = [], requests[i].max_new_tokens
+            cur.append(i)
+            new = new_i
+        return chunks + [cur] if cur else chunks
 
     @contextlib.contextmanager
     def _adapter(self, name: str | None):

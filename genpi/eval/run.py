@@ -47,6 +47,9 @@ HUMAN_MAX_INPUTS: int | None = 20  # the default of eval.human_max_inputs
 PLAIN_TEXT_WINDOW = 512
 PLAIN_TEXT_MAX_TOKENS = 2048  # the default of eval.plain_text_max_tokens
 N_SAMPLES = 5
+# Conversations per KL forward: each holds its reply tokens' full-vocabulary rows (16 x ~64
+# tokens x 49k x 4 bytes = 200 MB on SmolLM2), whatever the engine's batch.
+KL_BATCH = 16
 
 
 def default_human_inputs(max_inputs: int | None = HUMAN_MAX_INPUTS) -> list[str]:
@@ -65,14 +68,18 @@ def _reply_logprobs(model, tok, convs: list[list[dict]]) -> list[torch.Tensor]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     exs = [encode_chat(tok, c, max_length=1 << 20) for c in convs]
     batch = collate(exs, pad)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"]
-    out = []
-    for b in range(len(exs)):
-        pos = (labels[b, 1:] != -100).nonzero().squeeze(-1)  # logits at t predict token t+1
-        out.append(torch.log_softmax(logits[b, pos].float(), dim=-1).cpu())
-    return out
+    positions = [(labels[b, 1:] != -100).nonzero().squeeze(-1) for b in range(len(exs))]  # t predicts t+1
+    # The output layer only from the first scored position on (`logits_to_keep` keeps the last
+    # positions; rows are right-padded): the prompt's positions are never scored, and their
+    # full-vocabulary logits were a large share of these forwards (49k columns per position on
+    # SmolLM2). The scored rows are the same numbers either way.
+    width = labels.shape[1]
+    first = min((int(p[0]) for p in positions if len(p)), default=width - 1)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       logits_to_keep=width - first).logits
+    return [torch.log_softmax(logits[b, pos - first].float(), dim=-1).cpu() for b, pos in enumerate(positions)]
 
 
 def _kl_sum(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> float:
@@ -83,6 +90,9 @@ def _kl(peft_model, tok, t_conv, s_conv, adapter_names, bs) -> tuple[int, float,
     """(teacher reply tokens, mean KL(T||base), {adapter: mean KL(T||adapter)}) over the
     conversations; batch by batch, so that only one batch's full-vocabulary rows are held."""
     n_tok, base, adapters = 0, 0.0, {a: 0.0 for a in adapter_names}
+    # Similar lengths in one batch (less padding); the sums do not depend on the order.
+    order = sorted(range(len(t_conv)), key=lambda i: sum(len(m["content"]) for m in t_conv[i]))
+    t_conv, s_conv = [t_conv[i] for i in order], [s_conv[i] for i in order]
     for i in range(0, len(t_conv), bs):
         with peft_model.disable_adapter():
             lp_t = _reply_logprobs(peft_model, tok, t_conv[i : i + bs])
@@ -183,7 +193,7 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
         raise ValueError(f"evaluate_many needs distinct adapter names, got {adapter_names!r}")
     ec = cfg.eval
     human = default_human_inputs(ec.human_max_inputs) if human is None else list(human)
-    engine = HFEngine(peft_model, tok, cfg.engine.batch_size)
+    engine = HFEngine.for_model(peft_model, tok, cfg)
     # Every reply of every set in one generate call: the engine batches requests of the same
     # adapter together, so the human set fills batches rather than adding half-empty ones.
     sets = {"heldout": heldout, "human": human}
@@ -207,7 +217,7 @@ def evaluate_many(peft_model, tok, entry: PromptEntry, heldout: list[str], adapt
         replies[c.tag[0]].setdefault(c.tag[1], {})[c.tag[2]] = c
     replies = {name: {s: [by_i[i] for i in range(len(by_i))] for s, by_i in r.items()} for name, r in replies.items()}
     n = len(heldout)
-    bs = max(1, cfg.engine.batch_size // 2)
+    bs = KL_BATCH
     scores = _score_set(peft_model, tok, entry, heldout, replies["heldout"], adapter_names, bs,
                         list(range(min(N_SAMPLES, n))))
     human_scores = _score_set(peft_model, tok, entry, human, replies["human"], adapter_names, bs,

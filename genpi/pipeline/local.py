@@ -33,7 +33,7 @@ class LocalRunner:
         from genpi.synth.pipeline import LocalRunner as EngineRunner
 
         if self._engine is None:
-            self._engine = HFEngine(self.model, self.tok, self.cfg.engine.batch_size)
+            self._engine = HFEngine.for_model(self.model, self.tok, self.cfg)
         # The Ray runner's grouping of prompts (cluster.synth_actors), so that both runners
         # batch the same rows together and write the same synthesis.
         return EngineRunner(self._engine, workers=self.cfg.cluster.synth_actors)
