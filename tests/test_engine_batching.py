@@ -54,11 +54,15 @@ def test_batches_hold_at_most_batch_size_rows_and_max_batch_tokens(tiny_llama, s
     assert len(tight.generate(reqs[:3])) == 3 and [b[0] for b in tight.batches] == [1, 1, 1]
 
 
-def test_the_default_engine_settings_and_the_engine_built_from_them():
+def test_the_default_engine_settings_and_the_engine_built_from_them(tiny_llama, smollm_tokenizer):
     cfg = load_config(None, [])
     assert cfg.engine.batch_size == 128 and cfg.engine.max_batch_tokens == 32768
     with pytest.raises(Exception, match="max_batch_tokens"):
         load_config(None, ["engine.max_batch_tokens=0"])
+    # The pipeline, the evaluation and bench/quality.py build their engine from the config.
+    small = load_config(None, ["engine.batch_size=3", "engine.max_batch_tokens=500"])
+    eng = HFEngine.for_model(tiny_llama(vocab_size=len(smollm_tokenizer)), smollm_tokenizer, small)
+    assert (eng.batch_size, eng.max_batch_tokens) == (3, 500)
 
 
 @pytest.mark.parametrize("batch", [64, 128])
