@@ -86,6 +86,10 @@ def settings() -> dict[str, dict]:
         # off-policy adapter, whose cosine schedule ended near 0, not a second training).
         "onpolicy": {"label": "joint + on-policy phase",
                      "overrides": {**joint, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
+        # Teacher replies the base already gives without the prompt (per-token KL to the base
+        # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
+        "dependence": {"label": "joint, prompt-independent replies out of the KL term",
+                       "overrides": {**joint, "train.kl_min_dependence": 0.05}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }

@@ -16,7 +16,7 @@ from genpi.eval.fmt import fmt
 
 # train.json fields worth a reader's eye per setting (the held-out KL arm's epoch choice).
 TRAIN_FIELDS = ("steps", "planned_steps", "stop_reason", "chosen_epoch", "epoch_losses", "val_inputs", "val_kl",
-                "val_off")
+                "val_off", "kl_dependence", "on_policy")
 SETS = ("heldout", "human", "own_heldout")
 
 

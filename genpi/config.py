@@ -143,6 +143,12 @@ class TrainConfig(_Strict):
     # lowest validation KL, and early_stop_patience counts epochs without it improving.
     # 0 = off (the last epoch is kept; early stopping reads the training loss).
     val_inputs: int = Field(default=0, ge=0)
+    # Prompt dependence (genpi.train.dependence): before training, each example's teacher reply
+    # is scored by the base without the prompt (mean per-token top-k KL(teacher || base), in
+    # nats); an example below this value gets the same reply with or without the prompt and
+    # is dropped from the KL term (its SFT term stays), so the KL budget goes to the replies
+    # the prompt changes. 0 = off. train.json reports the scores' spread and the drops.
+    kl_min_dependence: float = Field(default=0.0, ge=0)
     # On-policy distillation phase (genpi.train.onpolicy), after the off-policy epochs: each
     # adapter samples its own replies to its training inputs (no prompt), the teacher (the
     # same base with the prompt, in the same process) gives its top-k on those tokens, and the

@@ -147,8 +147,10 @@ def test_score_is_each_adapters_mean_topk_kl_split_over_ranks_as_over_one(tiny_l
     for rank in (0, 1):
         validation.score(model, pack, vals, CFG, PAD, "cpu", rank=rank, world=2)
     assert len(seen) == 2 and all(t.device == pack.parameters()[0].device for t in seen)
-    total = seen[0] + seen[1]
-    assert {s: float(total[s, 0] / total[s, 1]) for s in vals} == pytest.approx(got, rel=1e-6)
+    total = seen[0] + seen[1]  # one row per example, in the order of `vals`
+    slots = torch.tensor([s for s in sorted(vals) for _ in vals[s]])
+    assert {s: float(total[slots == s, 0].sum() / total[slots == s, 1].sum()) for s in vals} == \
+        pytest.approx(got, rel=1e-6)
     seen.clear()
     validation.score(model, pack, {0: _val(5, 1)}, CFG, PAD, "cpu", rank=1, world=2)  # nothing to score
     assert len(seen) == 1 and float(seen[0].abs().sum()) == 0.0

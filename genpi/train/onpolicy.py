@@ -152,7 +152,9 @@ def phase_config(cfg: TrainConfig) -> TrainConfig:
     """The phase's training settings: KL only (the student's own tokens are no SFT target),
     its epochs and learning rate, no validation or early stopping."""
     return cfg.model_copy(update={"epochs": cfg.on_policy_epochs, "w_sft": 0.0, "w_pg": 0.0, "w_kl": 1.0,
-                                  "lr": cfg.on_policy_lr or cfg.lr, "val_inputs": 0, "early_stop_patience": None})
+                                  "lr": cfg.on_policy_lr or cfg.lr, "val_inputs": 0, "early_stop_patience": None,
+                                  # the student's own replies: every one is scored, none dropped
+                                  "kl_min_dependence": 0.0})
 
 
 def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfig, pad_id: int, device, *,

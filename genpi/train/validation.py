@@ -15,6 +15,7 @@ every rank scores at the same pack steps (the plans are the same), so the collec
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,35 +35,51 @@ BEST_WEIGHTS_FILE = "best_weights.pt"
 
 
 @torch.no_grad()
-def score(model, pack, vals: dict[int, list[EncodedExample]], cfg: TrainConfig, pad_id: int, device,
-          rank: int = 0, world: int = 1) -> dict[int, float]:
-    """Mean per-token top-k KL(teacher || student) of adapter slot i on ``vals[i]``, per slot."""
-    items = [(slot, ex) for slot in sorted(vals) for ex in vals[slot]]
+def example_kl(model, pack, items: list[tuple[int, EncodedExample]], cfg: TrainConfig, pad_id: int, device,
+               rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Per item (slot, example): (sum of the per-token top-k KL(teacher || student), its KL
+    tokens), as a [len(items), 2] float64 tensor on the host. Slot -1 is the base model with
+    no adapter. Every item must carry teacher rows. In eval mode, without gradient; each rank
+    scores its share (rank::world) and the rows are all-reduced, so every rank gets them all."""
     was_training = model.training
     model.eval()  # no LoRA/base dropout: the score of the weights, not of a noisy pass
     try:
         with torch.device(device):  # every tensor the collective sees on the parameters' device
-            sums = torch.zeros(pack.n_adapters, 2, dtype=torch.float64, device=device)
-            for chunk in micro_batches(items[rank::world], cfg.max_batch_tokens, length=lambda s: len(s[1])):
-                batch = {n: t.to(device) for n, t in collate([ex for _, ex in chunk], pad_id).items()}
-                slots = torch.tensor([s for s, _ in chunk], device=device)
+            sums = torch.zeros(len(items), 2, dtype=torch.float64, device=device)
+            # Similar lengths together (less padding); the rows go back to their items' places.
+            mine = sorted(range(rank, len(items), world), key=lambda j: len(items[j][1]))
+            for chunk in micro_batches(mine, cfg.max_batch_tokens, length=lambda j: len(items[j][1])):
+                batch = {n: t.to(device) for n, t in collate([items[j][1] for j in chunk], pad_id).items()}
+                slots = [items[j][0] for j in chunk]
                 mask = batch["kl_mask"]
                 # Logits only from the position before the first teacher row (as the training step).
                 start = max(0, int(mask.any(0).nonzero()[0]) - 1)
-                with pack.route_to(slots), precision.autocast(cfg.autocast, device):
+                # All on the base: no routing at all (the wrapped layers add nothing).
+                route = pack.route_to(slots) if max(slots) >= 0 else contextlib.nullcontext()
+                with route, precision.autocast(cfg.autocast, device):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    logits_to_keep=torch.arange(start, mask.shape[1], device=device)).logits
                 logits = logits.float()
                 sl = slice(start, None)
                 kl, n = topk_kl(logits, batch["kl_ids"][:, sl], batch["kl_logprobs"][:, sl], mask[:, sl])
-                sums.index_put_((slots, torch.zeros_like(slots)), kl.double(), accumulate=True)
-                sums.index_put_((slots, torch.ones_like(slots)), n.double(), accumulate=True)
+                sums[torch.tensor(chunk, device=device)] = torch.stack([kl.double(), n.double()], dim=1)
             if world > 1:
                 torch.distributed.all_reduce(sums)
     finally:
         model.train(was_training)
-    host = sums.cpu()
-    return {slot: float(host[slot, 0] / host[slot, 1]) if host[slot, 1] > 0 else math.nan for slot in vals}
+    return sums.cpu()
+
+
+def score(model, pack, vals: dict[int, list[EncodedExample]], cfg: TrainConfig, pad_id: int, device,
+          rank: int = 0, world: int = 1) -> dict[int, float]:
+    """Mean per-token top-k KL(teacher || student) of adapter slot i on ``vals[i]``, per slot."""
+    items = [(slot, ex) for slot in sorted(vals) for ex in vals[slot]]
+    rows = example_kl(model, pack, items, cfg, pad_id, device, rank, world)
+    out = {}
+    for slot in vals:
+        mine = rows[torch.tensor([s == slot for s, _ in items], dtype=torch.bool)].sum(0)
+        out[slot] = float(mine[0] / mine[1]) if mine[1] > 0 else math.nan
+    return out
 
 
 def record(prog, pack, i: int, kl: float) -> None:
