@@ -100,3 +100,47 @@ def test_training_under_autocast_uses_eager_attention_and_gives_the_model_back(t
         pack.remove()
         assert model.config._attn_implementation == "sdpa"
     assert seen == {"bf16": "eager", "off": "sdpa"}
+
+
+def test_a_long_batch_under_autocast_runs_the_models_own_attention(tiny_llama, single_thread_torch, monkeypatch):
+    """Eager attention holds [rows, heads, width, width] tensors per layer for the backward: a
+    2,019-token prompt-generation example of the shell agent prompt peaked at 12.1 GB in
+    eager attention. A batch whose eager attention would hold over EAGER_MAX_BYTES runs the
+    model's own (flash) attention; shorter batches stay eager; the model ends as it was."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from genpi.train.data import EncodedExample
+    from genpi.train.loop import TrainingSet
+    from genpi.train.packed import PackedAdamW, PackMember, train_pack
+
+    smol = SimpleNamespace(config=LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30))  # SmolLM2-135M's shape
+    assert precision.eager_attention_bytes(smol, 1, 2019) > precision.EAGER_MAX_BYTES  # the shell agent's PG example
+    assert precision.eager_attention_bytes(smol, 8, 400) <= precision.EAGER_MAX_BYTES  # the French example's batches
+
+    model = tiny_llama(seed=0)
+    model.set_attn_implementation("sdpa")
+    rnd = random.Random(0)
+    exs = []
+    for n in (12, 14, 200, 11):  # one long example, in a batch of its own
+        ids = [rnd.randrange(1, 128) for _ in range(n)]
+        exs.append(EncodedExample(ids, [-100] * 5 + ids[5:], [False] * n, None, None, n - 5))
+    # The budget between the short batches' eager bytes and the long one's.
+    monkeypatch.setattr(precision, "EAGER_MAX_BYTES", precision.eager_attention_bytes(model, 1, 100))
+    seen = []
+    forward = model.forward
+
+    def recording(*a, **k):
+        seen.append((k["input_ids"].shape[1], model.config._attn_implementation))
+        return forward(*a, **k)
+    model.forward = recording
+    cfg = TrainConfig(lora_r=4, lora_alpha=8, epochs=1, batch_size=1, autocast="bf16")
+    pack = PackedLora(model, 1, 4, 8, seeds=[0])
+    train_pack(model, pack, [PackMember("a", TrainingSet(examples=[("sft", ex) for ex in exs]))], cfg, 0,
+               optimizer=PackedAdamW(pack.parameters(), 1))
+    pack.remove()
+    assert sorted(seen) == [(11, "eager"), (12, "eager"), (14, "eager"), (200, "sdpa")]
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, precision._SWAPPED_FROM)
+    with precision.batch_attention(model, 1, 10_000):  # outside training: nothing to change
+        assert model.config._attn_implementation == "sdpa"

@@ -259,7 +259,8 @@ def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_bat
         labels = batch["labels"]
         tgt = (labels != IGNORE_INDEX).nonzero()
         start = max(0, int(tgt[:, 1].min()) - 1) if len(tgt) else 0
-        with pack.route_to(slots), precision.autocast(cfg.autocast, device):
+        with pack.route_to(slots), precision.autocast(cfg.autocast, device), \
+                precision.batch_attention(model, *batch["input_ids"].shape):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            logits_to_keep=torch.arange(start, labels.shape[1], device=device)).logits
         logits = logits.float()  # the losses in fp32 whatever the matmuls ran in

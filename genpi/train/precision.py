@@ -60,10 +60,46 @@ def training_attention(model, setting: Setting, device):
         yield
         return
     model.set_attn_implementation("eager")
+    setattr(model, _SWAPPED_FROM, before)  # for batch_attention
     try:
         yield
     finally:
+        delattr(model, _SWAPPED_FROM)
         model.set_attn_implementation(before)
+
+
+_SWAPPED_FROM = "_genpi_eager_swapped_from"
+# Eager attention keeps, per layer and for the backward, [rows, heads, width, width] scores and
+# probabilities: memory in width^2. A batch whose eager attention would hold more than this
+# runs the model's own attention (torch's flash kernel: memory in width). Measured on SmolLM2
+# under autocast: one 2,019-token prompt-generation example of the 1000+-token shell agent
+# prompt peaked at 12.1 GB of RSS in eager attention, 6.9 GB more than in the model's own
+# (5.2 GB), and ran 2.2x slower; batches of them took the quality suite's process past the
+# machine's 24 GB. Every chunk of the French example's training (rows x width up to 8 x ~400)
+# stays under it, and eager, where eager is the faster one.
+EAGER_MAX_BYTES = 4 << 30
+
+
+def eager_attention_bytes(model, rows: int, width: int) -> int:
+    """What eager attention holds for the backward of one forward: two fp32 [rows, heads,
+    width, width] tensors per layer (the measurement above: 6.9 GB = 1.6 of them)."""
+    c = model.config
+    return 2 * 4 * rows * c.num_attention_heads * width * width * c.num_hidden_layers
+
+
+@contextlib.contextmanager
+def batch_attention(model, rows: int, width: int):
+    """Inside training_attention: the model's own attention for a batch whose eager attention
+    would hold more than EAGER_MAX_BYTES (long sequences); nothing changes otherwise."""
+    before = getattr(model, _SWAPPED_FROM, None)
+    if before is None or eager_attention_bytes(model, rows, width) <= EAGER_MAX_BYTES:
+        yield
+        return
+    model.set_attn_implementation(before)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("eager")
 
 
 def describe(setting: Setting, device) -> str:
