@@ -245,7 +245,7 @@ HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkp
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
-                         "on_policy_temperature": 1.0, "on_policy_lr": None},
+                         "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0},
                "synth": {"seed_topics": 0, "section_inputs": 0}}
 
 

@@ -153,3 +153,14 @@ def test_a_pack_trained_with_the_threshold_equals_one_trained_without_those_kl_r
         assert any(not torch.allclose(g[key], e[key], rtol=1e-4, atol=1e-6) for key in w)
     stats = [adapter_stats(prog, i, m)["kl_dependence"] for i, m in enumerate(members)]
     assert [(s["scored"], s["dropped_from_kl"]) for s in stats] == [(10, 4), (7, 2)]
+
+
+def test_off_leaves_the_training_fingerprint_of_existing_stores_unchanged():
+    """Every store trained before the option has kl_min_dependence 0 in effect: at 0 it stays
+    out of the training stage's fingerprint (finished adapters are not trained again after an
+    upgrade); set, it enters it."""
+    from genpi.config import GenpiConfig
+
+    assert "kl_min_dependence" not in GenpiConfig().stage_dict("train")
+    on = GenpiConfig.model_validate({"train": {"kl_min_dependence": 0.05}})
+    assert on.stage_dict("train")["kl_min_dependence"] == 0.05
