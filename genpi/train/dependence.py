@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import time
 
 from genpi.config import TrainConfig
@@ -29,10 +30,6 @@ INFO_KEY = "kl_dependence"
 
 def has_teacher_rows(ex: EncodedExample) -> bool:
     return ex.kl_ids is not None and any(ex.kl_mask[1:])
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def apply(model, pack, members, cfg: TrainConfig, pad_id: int, device, rank: int = 0, world: int = 1) -> None:
@@ -58,11 +55,12 @@ def apply(model, pack, members, cfg: TrainConfig, pad_id: int, device, rank: int
             todo[mi].ts.examples[ei] = (kind, dataclasses.replace(ex, kl_mask=[False] * len(ex.kl_mask)))
     seconds = time.time() - t0
     for mi, m in enumerate(todo):
-        vals = sorted(scores[mi])
+        vals = scores[mi]
         dropped = sum(v < cfg.kl_min_dependence for v in vals)
+        deciles = statistics.quantiles(vals, n=10, method="inclusive") if len(vals) > 1 else vals * 9
         m.ts.phase_info[INFO_KEY] = {
             "min": cfg.kl_min_dependence, "scored": len(vals), "dropped_from_kl": dropped,
-            **({f"p{int(q * 100)}": round(_quantile(vals, q), 5) for q in (0.1, 0.5, 0.9)} if vals else {}),
+            **({f"p{10 * (i + 1)}": round(deciles[i], 5) for i in (0, 4, 8)} if vals else {}),
             "seconds": round(seconds, 2)}
         if rank == 0:
             log.info("%s: %d of %d examples' teacher replies barely depend on the prompt (KL to the base "
