@@ -86,6 +86,10 @@ def settings() -> dict[str, dict]:
         # off-policy adapter, whose cosine schedule ended near 0, not a second training).
         "onpolicy": {"label": "joint + on-policy phase",
                      "overrides": {**joint, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
+        # README command 1's time target with the on-policy phase: half the off-policy epochs
+        # buy the phase's time (2 + 2 epochs train about as long as the 4 of the default).
+        "onpolicy_e2": {"label": "joint, 2 epochs + on-policy phase",
+                        "overrides": {**joint, "train.epochs": 2, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",

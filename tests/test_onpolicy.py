@@ -64,8 +64,8 @@ def _pack(tiny_model_dir):
 
 
 def test_each_adapter_samples_its_own_replies(tiny_model_dir):
-    """In one batch of rows for both slots, each row decodes under its own adapter: at a
-    near-zero temperature the replies are the ones greedy decoding gives for that adapter alone."""
+    """Rows of both slots asked together: each row decodes under its own adapter, at a
+    near-zero temperature the reply greedy decoding gives for that adapter alone."""
     model, tok, pack = _pack(tiny_model_dir)
     cfg = TrainConfig(on_policy_temperature=1e-4, on_policy_max_new_tokens=8)
     items = [(s, t) for t in INPUTS for s in (0, 1)]
@@ -77,6 +77,34 @@ def test_each_adapter_samples_its_own_replies(tiny_model_dir):
                                   do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         assert reply == want[:len(reply)] and len(reply) >= 1
     assert got[0::2] != got[1::2]  # the two adapters really differ
+    pack.remove()
+
+
+def test_rows_leave_the_decode_batch_under_one_adapters_routing(tiny_model_dir):
+    """The sampling loop drops a finished row from the batch (and the KV cache) while the
+    pack routes every row to one adapter: the remaining rows keep decoding under it, each
+    giving what greedy decoding of that row alone gives."""
+    from genpi.engines.decode import decode
+
+    model, tok, pack = _pack(tiny_model_dir)
+    enc = [render_chat(tok, student_messages(t)) for t in INPUTS]
+    width = max(map(len, enc))
+    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for row, e in enumerate(enc):
+        ids[row, width - len(e):], attn[row, width - len(e):] = torch.tensor(e), 1
+    limits = [2, 5, 8]  # rows leave after 2 and 5 tokens
+    with pack.route_to([1] * len(enc)):
+        got = decode(model, ids, attn, max_new_tokens=limits, eos_ids=[-1])
+    for e, n, d in zip(enc, limits, got):
+        one = torch.tensor([e])
+        with torch.no_grad(), pack.route_to([1]):
+            want = model.generate(input_ids=one, attention_mask=torch.ones_like(one), max_new_tokens=n,
+                                  do_sample=False, pad_token_id=tok.pad_token_id)[0, one.shape[1]:].tolist()
+        assert d.tokens == want
+    with pytest.raises(ValueError, match="entries for a batch"):  # mixed routing keeps its check
+        with torch.no_grad(), pack.route_to([0, 1]):
+            model(input_ids=ids, attention_mask=attn)
     pack.remove()
 
 

@@ -62,14 +62,16 @@ class PackedLoraLinear(nn.Module):
         if idx is None:
             return y
         n = x.shape[0]
-        if idx.shape[0] != n:
+        k = self.route.single
+        # One adapter for every row needs no per-row index: a decoding loop may drop finished
+        # rows from the batch (genpi.engines.decode) under the same routing.
+        if k is None and idx.shape[0] != n:
             raise ValueError(f"adapter index has {idx.shape[0]} entries for a batch of {n}")
         h_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             # Under autocast the matmuls cast their inputs themselves; a cast here would only
             # copy the activations to fp32 for autocast to copy them back to bf16.
             h_in = h_in.to(self.lora_A.dtype)
-        k = self.route.single
         if k is not None:  # measured on SmolLM2 training: the gathers and bmm cost as much as the base
             up = F.linear(F.linear(h_in, self.lora_A[k]), self.lora_B[k]).reshape(n, -1, self.lora_B.shape[1])
         else:

@@ -6,7 +6,7 @@ bonjour." loops of the French adapter). On-policy distillation (GKD, OPCD) train
 student's own samples, scored by the teacher. After a pack's off-policy epochs:
 
 1. each adapter samples a reply to every one of its training inputs, without the prompt
-   (the pack's per-row routing: one batched `generate` for all adapters of the pack);
+   (batches of one adapter's rows, decoded by the engine's KV-cached loop);
 2. the teacher -- the same frozen base, no adapter, the prompt in the system slot -- runs
    one forward over each (prompt, input, student reply) and gives its top-k log-probabilities
    on the student's tokens;
@@ -56,16 +56,28 @@ def _render(tok, messages: list[dict]) -> list[int]:
 def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainConfig, device,
                    seed: int) -> list[list[int]]:
     """Token ids of the reply adapter `slot` samples to `input` (no prompt), per (slot, input);
-    each ends at the end-of-turn token or at train.on_policy_max_new_tokens."""
+    each ends at the end-of-turn token or at train.on_policy_max_new_tokens.
+
+    Batches hold one adapter's rows each and decode with the engine's loop
+    (genpi.engines.decode), where a finished reply leaves the batch: `model.generate` kept
+    decoding every row to the longest reply of its batch."""
+    from genpi.engines.decode import decode
+
     eot, _ = end_of_turn_token(tok)
     stops = sorted({eot, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     encoded = [_render(tok, student_messages(text)) for _, text in items]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # less padding
+    # per adapter, shortest first (less padding)
+    order = sorted(range(len(items)), key=lambda i: (items[i][0], len(encoded[i])))
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks and len(chunks[-1]) < BATCH and items[chunks[-1][0]][0] == items[i][0]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
     out: list[list[int]] = [[] for _ in items]
     torch.manual_seed(seed)  # every rank samples the same replies
-    for start in range(0, len(order), BATCH):
-        chunk = order[start:start + BATCH]
+    for chunk in chunks:
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attn = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -73,18 +85,11 @@ def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainCon
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[row, width - len(encoded[i]):] = 1
         # fp32: under autocast every decoding step would cast the whole base to bf16 again.
-        with pack.route_to([items[i][0] for i in chunk]):
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                 max_new_tokens=cfg.on_policy_max_new_tokens, do_sample=True,
-                                 temperature=cfg.on_policy_temperature, top_p=1.0, top_k=0,
-                                 pad_token_id=pad, eos_token_id=stops)
-        for row, i in enumerate(chunk):
-            toks = gen[row, width:].tolist()
-            for j, t in enumerate(toks):
-                if t in stops:
-                    toks = toks[:j + 1]
-                    break
-            out[i] = toks
+        with pack.route_to([items[chunk[0]][0]] * len(chunk)):
+            replies = decode(model, ids.to(device), attn.to(device), max_new_tokens=cfg.on_policy_max_new_tokens,
+                             eos_ids=stops, temperature=cfg.on_policy_temperature, top_p=1.0)
+        for i, r in zip(chunk, replies):
+            out[i] = r.tokens  # ends with the stop id when stopped
     return out
 
 
