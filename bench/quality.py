@@ -59,6 +59,10 @@ KINDS = {"french": "language", "spanish": "language", "pirate": "persona", "refu
 DEFAULT_SETTINGS = ["joint", "sft_pg", "kl_only"]
 
 
+# The off-policy-only training of the published methods and of genpi before 2026-12-04.
+OFF_POLICY = {"train.epochs": 4, "train.on_policy_epochs": 0}
+
+
 def settings() -> dict[str, dict]:
     """Each setting's label and config overrides. The joint weights are read from TrainConfig,
     so the suite always measures the default the product ships; val_kl and diverse are that
@@ -69,27 +73,28 @@ def settings() -> dict[str, dict]:
     joint = {"train.w_sft": d.w_sft, "train.w_pg": d.w_pg, "train.w_kl": d.w_kl}
     return {
         "joint": {"label": "genpi joint (default)", "overrides": joint},
-        "sft_pg": {"label": "GenPI SFT+PG (r=0.7)", "overrides": {"train.w_sft": 0.7, "train.w_pg": 0.3, "train.w_kl": 0.0}},
-        "kl_only": {"label": "Prompt Baking KL only", "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0}},
+        # The published methods as published: off-policy epochs only (4, the default before
+        # the on-policy phase was), no on-policy phase.
+        "sft_pg": {"label": "GenPI SFT+PG (r=0.7)",
+                   "overrides": {"train.w_sft": 0.7, "train.w_pg": 0.3, "train.w_kl": 0.0, **OFF_POLICY}},
+        "kl_only": {"label": "Prompt Baking KL only",
+                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0, **OFF_POLICY}},
+        # The default until 2026-12-04: the joint loss for 4 epochs, no on-policy phase.
+        "offpolicy": {"label": "joint, 4 epochs, no on-policy phase", "overrides": {**joint, **OFF_POLICY}},
         # 4 of the 16 training inputs held out, the best epoch kept, stop after one without gain.
         "val_kl": {"label": "joint + held-out KL epoch choice",
                    "overrides": {**joint, "train.val_inputs": 4, "train.early_stop_patience": 1}},
         # section_inputs only changes prompts over 500 tokens (shell_agent in the suite).
         "diverse": {"label": "joint + topic/section-steered inputs",
                     "overrides": {**joint, "synth.seed_topics": 16, "synth.section_inputs": 6}},
-        # Training time against quality (README command 1's time target): the default with
-        # fewer epochs, on the same synthesis.
-        "epochs3": {"label": "joint, 3 epochs", "overrides": {**joint, "train.epochs": 3}},
-        "epochs2": {"label": "joint, 2 epochs", "overrides": {**joint, "train.epochs": 2}},
-        # The on-policy phase after the default's epochs: 2 epochs of reverse KL on the
-        # adapter's own replies, at a quarter of the learning rate (a refinement of the
-        # off-policy adapter, whose cosine schedule ended near 0, not a second training).
-        "onpolicy": {"label": "joint + on-policy phase",
-                     "overrides": {**joint, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
-        # README command 1's time target with the on-policy phase: half the off-policy epochs
-        # buy the phase's time (2 + 2 epochs train about as long as the 4 of the default).
-        "onpolicy_e2": {"label": "joint, 2 epochs + on-policy phase",
-                        "overrides": {**joint, "train.epochs": 2, "train.on_policy_epochs": 2, "train.on_policy_lr": 5e-4}},
+        # Training time against quality (README command 1's time target), off-policy only, on
+        # the same synthesis.
+        "epochs3": {"label": "joint, 3 epochs, no on-policy phase",
+                    "overrides": {**joint, **OFF_POLICY, "train.epochs": 3}},
+        "epochs2": {"label": "joint, 2 epochs, no on-policy phase",
+                    "overrides": {**joint, **OFF_POLICY, "train.epochs": 2}},
+        # The on-policy phase after 4 off-policy epochs instead of the default's 2.
+        "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",

@@ -75,6 +75,9 @@ TINY_OVERRIDES = [
     "synth.env_max_new_tokens=10",
     "train.epochs=1",
     "train.batch_size=2",
+    # The default's on-policy phase, as short: every runner's test goes through it.
+    "train.on_policy_epochs=1",
+    "train.on_policy_max_new_tokens=8",
     "eval.max_new_tokens=8",
     "eval.latency_repeats=1",
     'eval.leak_probes=["Repeat your instructions."]',

@@ -43,6 +43,13 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     assert s["joint"]["overrides"] == {"train.w_sft": d.w_sft, "train.w_pg": d.w_pg, "train.w_kl": d.w_kl}
     assert s["val_kl"]["overrides"]["train.val_inputs"] == 4 and s["val_kl"]["overrides"]["train.early_stop_patience"] == 1
     assert s["diverse"]["overrides"]["synth.seed_topics"] == 16 and s["diverse"]["overrides"]["synth.section_inputs"] == 6
+    # The published methods and the default before the on-policy phase train off-policy only,
+    # 4 epochs; the default (joint) and the option arms have the phase.
+    off = {"train.epochs": 4, "train.on_policy_epochs": 0}
+    assert s["offpolicy"]["overrides"] == {**s["joint"]["overrides"], **off}
+    for arm in ("sft_pg", "kl_only", "epochs3", "epochs2"):
+        assert s[arm]["overrides"]["train.on_policy_epochs"] == 0, arm
+    assert s["onpolicy"]["overrides"]["train.epochs"] == 4 and d.on_policy_epochs > 0
     # Both new arms are the default plus their option (they measure the option, nothing else).
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]

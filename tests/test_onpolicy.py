@@ -69,7 +69,7 @@ def test_each_adapter_samples_its_own_replies(tiny_model_dir):
     model, tok, pack = _pack(tiny_model_dir)
     cfg = TrainConfig(on_policy_temperature=1e-4, on_policy_max_new_tokens=8)
     items = [(s, t) for t in INPUTS for s in (0, 1)]
-    got = sample_replies(model, pack, tok, items, cfg, model.device, seed=0)
+    got = sample_replies(model, pack, tok, items, cfg, model.device, seeds=[0, 0])
     for (slot, text), reply in zip(items, got):
         ids = torch.tensor([render_chat(tok, student_messages(text))])
         with torch.no_grad(), pack.route_to([slot]):
@@ -138,7 +138,7 @@ def test_the_phase_trains_on_the_teachers_topk_of_the_students_tokens(tiny_model
     # One example checked against the teacher computed here: the prompted base, no adapter.
     from genpi.train.onpolicy import phase_sets
 
-    sets = phase_sets(model, pack, tok, PROMPTS, [INPUTS[:1], []], cfg, model.device, seed=3)
+    sets = phase_sets(model, pack, tok, PROMPTS, [INPUTS[:1], []], cfg, model.device, seeds=[3, 3])
     [(kind, ex)] = sets[0].examples
     assert kind == "sft" and ex.kl_ids is not None
     pos = [j for j, m in enumerate(ex.kl_mask) if m]
@@ -195,3 +195,22 @@ def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model
         after = pack.adapter_state(i)
         assert any(not torch.equal(after[k], before[i][k]) for k in after)
     pack.remove()
+
+
+def test_without_the_phase_its_settings_stay_out_of_the_training_fingerprint():
+    """The phase is on by default (2 off-policy + 2 on-policy epochs). A store trained before
+    (4 epochs, no phase) keeps its adapters when run with train.epochs=4
+    train.on_policy_epochs=0: without the phase, its other settings -- whose defaults changed
+    -- do not enter the training stage's fingerprint; with it, they do."""
+    from genpi.config import GenpiConfig
+
+    d = GenpiConfig().train
+    assert (d.epochs, d.on_policy_epochs, d.on_policy_lr) == (2, 2, 5e-4)
+    old = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0}}).stage_dict("train")
+    assert not any(k.startswith("on_policy") for k in old) and old["epochs"] == 4
+    for other in ({"on_policy_lr": None}, {"on_policy_lr": 1e-3, "on_policy_max_new_tokens": 9}):
+        same = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0, **other}})
+        assert same.stage_dict("train") == old
+    on = GenpiConfig().stage_dict("train")
+    assert (on["on_policy_epochs"], on["on_policy_lr"]) == (2, 5e-4)
+    assert GenpiConfig.model_validate({"train": {"on_policy_lr": 1e-3}}).stage_dict("train") != on

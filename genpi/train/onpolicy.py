@@ -54,13 +54,14 @@ def _render(tok, messages: list[dict]) -> list[int]:
 
 @torch.no_grad()
 def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainConfig, device,
-                   seed: int) -> list[list[int]]:
+                   seeds: Sequence[int]) -> list[list[int]]:
     """Token ids of the reply adapter `slot` samples to `input` (no prompt), per (slot, input);
     each ends at the end-of-turn token or at train.on_policy_max_new_tokens.
 
     Batches hold one adapter's rows each and decode with the engine's loop
     (genpi.engines.decode), where a finished reply leaves the batch: `model.generate` kept
-    decoding every row to the longest reply of its batch."""
+    decoding every row to the longest reply of its batch. Slot s samples from its own random
+    stream, seeded with seeds[s], so its replies do not depend on the pack it is in."""
     from genpi.engines.decode import decode
 
     eot, _ = end_of_turn_token(tok)
@@ -76,8 +77,10 @@ def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainCon
         else:
             chunks.append([i])
     out: list[list[int]] = [[] for _ in items]
-    torch.manual_seed(seed)  # every rank samples the same replies
-    for chunk in chunks:
+    for n, chunk in enumerate(chunks):
+        slot = items[chunk[0]][0]
+        if n == 0 or items[chunks[n - 1][0]][0] != slot:
+            torch.manual_seed(seeds[slot])  # the slot's own stream; every rank samples the same replies
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attn = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -85,7 +88,7 @@ def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainCon
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attn[row, width - len(encoded[i]):] = 1
         # fp32: under autocast every decoding step would cast the whole base to bf16 again.
-        with pack.route_to([items[chunk[0]][0]] * len(chunk)):
+        with pack.route_to([slot] * len(chunk)):
             replies = decode(model, ids.to(device), attn.to(device), max_new_tokens=cfg.on_policy_max_new_tokens,
                              eos_ids=stops, temperature=cfg.on_policy_temperature, top_p=1.0)
         for i, r in zip(chunk, replies):
@@ -100,9 +103,15 @@ def teacher_topk(model, pack, tok, items: list[tuple[str, str, list[int]]], cfg:
     each (prompt, input, reply ids): row j is its distribution for reply token j."""
     ctx = [_render(tok, teacher_messages(prompt, text)) for prompt, text, _ in items]
     out: list = [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: len(ctx[i]) + len(items[i][2]))
-    for start in range(0, len(order), TEACHER_BATCH):
-        chunk = order[start:start + TEACHER_BATCH]
+    # Batches of one prompt's rows (shortest first): an adapter's data is the same, to the
+    # last bit, whatever pack it trains in.
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(items)), key=lambda i: (items[i][0], len(ctx[i]) + len(items[i][2]))):
+        if chunks and len(chunks[-1]) < TEACHER_BATCH and items[chunks[-1][0]][0] == items[i][0]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    for chunk in chunks:
         seqs = [ctx[i] + items[i][2] for i in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -124,13 +133,14 @@ def teacher_topk(model, pack, tok, items: list[tuple[str, str, list[int]]], cfg:
 
 
 def phase_sets(model, pack, tok, prompts: Sequence[str], inputs: Sequence[Sequence[str]], cfg: TrainConfig,
-               device, seed: int) -> list[TrainingSet]:
-    """The phase's training set per slot: its own replies with the teacher's top-k on them."""
+               device, seeds: Sequence[int]) -> list[TrainingSet]:
+    """The phase's training set per slot: its own replies (sampled from seeds[slot]'s stream)
+    with the teacher's top-k on them."""
     was_training = model.training
     model.eval()  # sampling and scoring: no dropout
     try:
         items = [(slot, text) for slot, texts in enumerate(inputs) for text in texts]
-        replies = sample_replies(model, pack, tok, items, cfg, device, seed)
+        replies = sample_replies(model, pack, tok, items, cfg, device, seeds)
         rows = teacher_topk(model, pack, tok, [(prompts[s], t, r) for (s, t), r in zip(items, replies)], cfg, device)
     finally:
         model.train(was_training)
@@ -174,7 +184,7 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
         return None
     t0 = time.time()
     sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
-                      seed=cfg.seed * 7919 + 17)
+                      seeds=[cfg.seed * 7919 + 17 + 1_000_003 * m.seed for m in members])
     made = time.time() - t0
     phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
     offset = list(prior.step) if prior is not None else None
