@@ -9,10 +9,26 @@ from genpi.config import ClusterConfig
 def ensure_ray(cluster: ClusterConfig, **kwargs: Any) -> None:
     """Join `cluster.address`, else RAY_ADDRESS (set by `ray job submit`), else start a local
     Ray; a no-op when Ray is already initialized (a test's cluster, a notebook's)."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
+        if not (cluster.address or os.environ.get("RAY_ADDRESS")):
+            # A local Ray's processes inherit this one's environment (raylet, then each worker).
+            os.environ.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENA_MAX)
         ray.init(address=cluster.address, include_dashboard=False, **kwargs)
+
+
+# Ray Train (v2) runs the train function on a second thread of the worker process, and glibc
+# gives that thread its own malloc arena, whose 64 MB heaps are mapped and unmapped as the
+# step's activations come and go: the same fp32 SmolLM2 training step took 1.3x as long on a
+# second thread as on the main thread of one process (2.5x the page faults), and 1.05-1.1x
+# with one arena (MALLOC_ARENA_MAX=1; bench/thread_malloc.py); README command 1's training
+# ran at 127 tokens/s in its worker against 160-171 in one process. One arena for every
+# thread of a local Ray's processes; a value already in the environment is kept. (A cluster's
+# pods set their own environment; on a GPU the step's tensors are not host memory.)
+MALLOC_ARENA_MAX = "1"
 
 
 def node_cpus() -> float:
