@@ -3,6 +3,7 @@ passes, a finished pack's DeepSpeed engine is freed, workers use the CPUs Ray ga
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 
 import pytest
@@ -163,3 +164,31 @@ def test_two_workers_with_unequal_micro_batches_equal_one_worker(ray_local, tiny
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
     assert "Failed to query Ray Train Controller actor state" not in capfd.readouterr().err
+
+
+_ARENA_PROBE = """
+import os, ray
+from genpi.config import GenpiConfig
+from genpi.rayinit import ensure_ray
+ensure_ray(GenpiConfig().cluster, num_cpus=1)
+@ray.remote(num_cpus=1)
+def probe():
+    return os.environ.get("MALLOC_ARENA_MAX")
+print("ARENA", ray.get(probe.remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("preset, want", [(None, "1"), ("4", "4")])
+def test_a_local_ray_gives_its_workers_one_malloc_arena(preset, want):
+    """Ray Train runs the train function on a second thread, whose own glibc arena made the
+    same step 1.3x slower (bench/thread_malloc.py): a local Ray started by genpi hands its
+    processes MALLOC_ARENA_MAX=1, and a value the user set is kept."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "RAY_ADDRESS")}
+    if preset:
+        env["MALLOC_ARENA_MAX"] = preset
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert f"ARENA {want}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
