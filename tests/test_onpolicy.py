@@ -105,6 +105,9 @@ def test_rows_leave_the_decode_batch_under_one_adapters_routing(tiny_model_dir):
     with pytest.raises(ValueError, match="entries for a batch"):  # mixed routing keeps its check
         with torch.no_grad(), pack.route_to([0, 1]):
             model(input_ids=ids, attention_mask=attn)
+    with pytest.raises(ValueError, match="entries for a batch"):  # so does one adapter with per-row scales
+        with torch.no_grad(), pack.route_to([1, 1], scale=[1.0, 0.5]):
+            model(input_ids=ids, attention_mask=attn)
     pack.remove()
 
 
@@ -214,3 +217,20 @@ def test_without_the_phase_its_settings_stay_out_of_the_training_fingerprint():
     on = GenpiConfig().stage_dict("train")
     assert (on["on_policy_epochs"], on["on_policy_lr"]) == (2, 5e-4)
     assert GenpiConfig.model_validate({"train": {"on_policy_lr": 1e-3}}).stage_dict("train") != on
+
+
+def test_the_plans_token_budget_counts_the_phase():
+    """The dry run's budget: the phase adds the adapters' sampled replies to the generated
+    tokens, the teacher's scoring of them to the prefill, and its epochs to the trained ones."""
+    from genpi.config import GenpiConfig
+    from genpi.manifest import PromptEntry
+    from genpi.pipeline.plan import token_budget
+    from genpi.pipeline.records import PromptPlan
+
+    entry = PromptEntry(id="p", prompt="Answer in French.")
+    on, off = GenpiConfig(), GenpiConfig.model_validate({"train": {"on_policy_epochs": 0}})
+    b_on, b_off = (token_budget(PromptPlan(entry, c, "fp", "new", 30)) for c in (on, off))
+    n, t = on.synth.n_train_inputs, on.train
+    assert b_on["generated"] - b_off["generated"] == n * t.on_policy_max_new_tokens
+    assert b_on["prefill"] - b_off["prefill"] == n * (30 + 40 + t.on_policy_max_new_tokens)
+    assert b_on["trained"] - b_off["trained"] == t.on_policy_epochs * n * (40 + t.on_policy_max_new_tokens)

@@ -63,9 +63,9 @@ class PackedLoraLinear(nn.Module):
             return y
         n = x.shape[0]
         k = self.route.single
-        # One adapter for every row needs no per-row index: a decoding loop may drop finished
-        # rows from the batch (genpi.engines.decode) under the same routing.
-        if k is None and idx.shape[0] != n:
+        # One adapter for every row (no per-row scale) needs no per-row index: a decoding loop
+        # may drop finished rows from the batch (genpi.engines.decode) under the same routing.
+        if (k is None or self.route.scale is not None) and idx.shape[0] != n:
             raise ValueError(f"adapter index has {idx.shape[0]} entries for a batch of {n}")
         h_in = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):

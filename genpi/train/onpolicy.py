@@ -46,6 +46,19 @@ TEACHER_BATCH = 8
 TOP_K = 100
 
 
+def _batches(keys: Sequence, lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices in batches of at most `size` that share one key, shortest first within a key
+    (less padding): a batch never mixes adapters or prompts, so an adapter's phase data does
+    not depend on the pack it trains in."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(keys)), key=lambda i: (keys[i], lengths[i])):
+        if out and len(out[-1]) < size and keys[out[-1][0]] == keys[i]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def _render(tok, messages: list[dict]) -> list[int]:
     from genpi.engines.base import render_chat
 
@@ -68,14 +81,7 @@ def sample_replies(model, pack, tok, items: list[tuple[int, str]], cfg: TrainCon
     stops = sorted({eot, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     encoded = [_render(tok, student_messages(text)) for _, text in items]
-    # per adapter, shortest first (less padding)
-    order = sorted(range(len(items)), key=lambda i: (items[i][0], len(encoded[i])))
-    chunks: list[list[int]] = []
-    for i in order:
-        if chunks and len(chunks[-1]) < BATCH and items[chunks[-1][0]][0] == items[i][0]:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
+    chunks = _batches([slot for slot, _ in items], [len(e) for e in encoded], BATCH)
     out: list[list[int]] = [[] for _ in items]
     for n, chunk in enumerate(chunks):
         slot = items[chunk[0]][0]
@@ -103,15 +109,10 @@ def teacher_topk(model, pack, tok, items: list[tuple[str, str, list[int]]], cfg:
     each (prompt, input, reply ids): row j is its distribution for reply token j."""
     ctx = [_render(tok, teacher_messages(prompt, text)) for prompt, text, _ in items]
     out: list = [None] * len(items)
-    # Batches of one prompt's rows (shortest first): an adapter's data is the same, to the
-    # last bit, whatever pack it trains in.
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(items)), key=lambda i: (items[i][0], len(ctx[i]) + len(items[i][2]))):
-        if chunks and len(chunks[-1]) < TEACHER_BATCH and items[chunks[-1][0]][0] == items[i][0]:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    for chunk in chunks:
+    # One prompt's rows per batch: an adapter's data is the same, to the last bit, whatever
+    # pack it trains in.
+    for chunk in _batches([prompt for prompt, _, _ in items], [len(c) + len(it[2]) for c, it in zip(ctx, items)],
+                          TEACHER_BATCH):
         seqs = [ctx[i] + items[i][2] for i in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
