@@ -49,7 +49,7 @@ BENCH_ARMS = [
                "--turns", "2", "--new-tokens", "24"], 80),
     # The engine's decoding loop vs model.generate: 2 settings x 2 arms x 2 repeats of one batch.
     ("decode", ["decode.py", "--device", "cuda", "--model", "qwen2-0.5b-random", "--rows", "32",
-                "--new-tokens", "64"], 30),
+                "--new-tokens", "64"], 45),
     ("efficiency", ["efficiency.py", "--device", "cuda", "--model", "qwen2-0.5b-random",
                     "--buckets", "64,256,1024,2048", "--repeats", "3"], 60),
 ]

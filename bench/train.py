@@ -176,11 +176,13 @@ def run_packed(model, members, cfg: TrainConfig, pad: int, device, micro_batch: 
 
     pack = PackedLora(model, len(members), cfg.lora_r, cfg.lora_alpha, cfg.target_modules, seeds=range(len(members)))
     opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=cfg.grad_clip)
-    t0 = time.perf_counter()
-    prog = train_pack(model, pack, members, cfg, pad, optimizer=opt, micro_batch=micro_batch)
-    _sync(device)
-    secs = time.perf_counter() - t0
-    pack.remove()
+    try:
+        t0 = time.perf_counter()
+        prog = train_pack(model, pack, members, cfg, pad, optimizer=opt, micro_batch=micro_batch)
+        _sync(device)
+        secs = time.perf_counter() - t0
+    finally:  # also after running out of memory: the base is reused at a smaller micro-batch
+        pack.remove()
     return secs, prog.tokens
 
 
@@ -253,9 +255,18 @@ def main() -> None:
     run_packed(model, members[:1], cfg, pad, device, micro)
     print(f"  warm-up done; timing PEFT one adapter at a time at batch sizes {sweep}, then the pack of {n}", flush=True)
     ref = peft_sweep(model, cfg, pad, device, sweep, n_ref, steps, make_set)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    packed_s, packed_tok = run_packed(model, members, cfg, pad, device, micro)
+    while True:  # the largest micro-batch that fits, halving from the default (as the PEFT sweep stops)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            packed_s, packed_tok = run_packed(model, members, cfg, pad, device, micro)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if not micro or micro <= 1:
+                raise
+            torch.cuda.empty_cache()
+            print(f"  packed: out of GPU memory at micro-batch {micro}; trying {micro // 2}", flush=True)
+            micro //= 2
     packed_examples = [ex for m in members for _, ex in m.ts.examples]
     best = ref["best"]
     # PEFT time for the pack's N adapters: their tokens at PEFT's best measured rate.

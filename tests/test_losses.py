@@ -362,3 +362,16 @@ def test_joint_loss_all_skipped_still_backpropagates_zero():
     assert total.item() == 0.0 and means.item() == 0.0
     total.sum().backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_joint_loss_stays_on_the_counts_device():
+    """Counts and sums on an accelerator (bench/train.py's PEFT arm passes CUDA tensors) never
+    meet a host tensor: the weights and the zeros are made on the counts' device. The meta
+    device stands in for CUDA here, with the same rule: no mixing with a non-scalar host tensor
+    (the first GPU run, 2026-12-04, failed on it)."""
+    counts = torch.tensor([[4.0, 3.0, 0.0]], device="meta")
+    sums = torch.ones(1, 3, device="meta")
+    scale = token_scale(counts, (0.7, 0.3, 1.0))
+    total, means = joint_loss(sums, counts, (0.7, 0.3, 1.0))
+    assert scale.device.type == total.device.type == means.device.type == "meta"
+    assert scale.shape == means.shape == (1, 3) and total.shape == (1,)

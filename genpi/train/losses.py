@@ -241,12 +241,14 @@ def token_scale(counts: Tensor, weights: Sequence[float]) -> Tensor:
     however the step's samples are split into micro-batches, ranks or pack slots --
     the scale holds the whole step's counts, so every chunk contributes its exact share.
     """
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    # On the counts' device: a host tensor of 3 weights divided by CUDA counts fails (seen on
+    # the first GPU run, 2026-12-04, where bench/train.py's PEFT arm passes CUDA counts).
+    w = torch.as_tensor(weights, dtype=torch.float32, device=counts.device)
     if counts.shape[-1] != w.numel():
         # A part without a weight is a configuration error, never an implicit 0.
         raise ValueError(f"{counts.shape[-1]} loss parts but {w.numel()} weights")
     counts = counts.to(torch.float32)
-    return torch.where(counts > 0, w / counts.clamp_min(1), torch.zeros(()))
+    return torch.where(counts > 0, w / counts.clamp_min(1), torch.zeros((), device=counts.device))
 
 
 def joint_loss(sums: Tensor, counts: Tensor, weights: Sequence[float]) -> tuple[Tensor, Tensor]:
