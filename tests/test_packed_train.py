@@ -172,3 +172,33 @@ def test_collectives_get_the_parameters_device_simulated_second_device(tiny_llam
     assert len(seen) == 2 and set(seen) == {params_device}, seen  # the loss sums, the grad norms
     assert out.device == params_device and bool(out[1].sum() > 0)
     assert all(p.grad is not None and p.grad.device == params_device for p in pack.parameters())
+
+
+def test_packed_step_never_copies_the_whole_logits_to_fp32(tiny_llama, members):
+    """A bf16 base's [B, T, V] logits stay bf16: each loss upcasts only its target rows.
+    A whole fp32 copy was 18.6 GiB for 64 sequences of 512 tokens with a 152k vocabulary and
+    ran the first GPU run out of memory (2026-12-04). Recorded here with a dispatch mode:
+    every fp32 result of 3 dims ending in the vocabulary is such a copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Logits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 3
+                        and t.shape[-1] == VOCAB):
+                    self.seen.append(str(func))
+            return out
+
+    model = tiny_llama(seed=0).to(torch.bfloat16)
+    pack = PackedLora(model, len(members), CFG.lora_r, CFG.lora_alpha, seeds=[m.seed for m in members])
+    opt = PackedAdamW(pack.parameters(), len(members), max_grad_norm=CFG.grad_clip)
+    cfg = CFG.model_copy(update={"epochs": 1})
+    with Fp32Logits() as mode:
+        prog = train_pack(model, pack, members, cfg, PAD, optimizer=opt)
+    assert all(prog.done) and all(h[-1]["loss"] > 0 for h in prog.history)
+    assert mode.seen == [], mode.seen[:3]
