@@ -26,8 +26,8 @@ def ensure_ray(cluster: ClusterConfig, **kwargs: Any) -> None:
 # second thread as on the main thread of one process (2.5x the page faults), and 1.05-1.1x
 # with one arena (MALLOC_ARENA_MAX=1; bench/thread_malloc.py); README command 1's training
 # ran at 127 tokens/s in its worker against 160-171 in one process. One arena for every
-# thread of a local Ray's processes; a value already in the environment is kept. (A cluster's
-# pods set their own environment; on a GPU the step's tensors are not host memory.)
+# thread of a local Ray's processes; a value already in the environment is kept. The KubeRay
+# pods get the same value in their environment (genpi.k8s.builders).
 MALLOC_ARENA_MAX = "1"
 
 

@@ -596,6 +596,8 @@ def test_every_pod_reads_the_credentials_from_the_secret():
             # a session token, when the Secret has one, must reach every pod this way too.
             assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"] == {
                 "name": B.S3_SECRET, "key": "AWS_SESSION_TOKEN", "optional": True}, name
+            # One malloc arena, as a local Ray gets (genpi.rayinit): Ray Train's worker thread.
+            assert env["MALLOC_ARENA_MAX"] == {"name": "MALLOC_ARENA_MAX", "value": "1"}, name
     dev = {d["metadata"]["name"]: d for d in docs_of("overlays/dev-cpu", "ConfigMap")}
     assert dev[B.S3_ENDPOINT_CONFIGMAP]["data"]["AWS_ENDPOINT_URL"].startswith("http")
 
