@@ -95,6 +95,9 @@ def settings() -> dict[str, dict]:
                     "overrides": {**joint, **OFF_POLICY, "train.epochs": 2}},
         # The on-policy phase after 4 off-policy epochs instead of the default's 2.
         "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
+        # The on-policy phase longer, or at twice the learning rate (the default: 2 + 2 epochs, 5e-4).
+        "on3": {"label": "joint, 2 epochs + 3 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 3}},
+        "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",
