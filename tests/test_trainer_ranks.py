@@ -134,7 +134,7 @@ def test_two_workers_with_unequal_micro_batches_equal_one_worker(ray_local, tiny
                                                                   tmp_path, capfd):
     """Ray Train, 2 CPU workers, ZeRO-2, one sequence per micro-batch and 3 per step: rank 0
     runs 2 micro-batches where rank 1 runs 1. The run finishes, and its adapters equal those
-    of one in-process worker on the same data; Ray's console stays free of the Placement
+    of one in-process worker on the same data, the default's on-policy phase included; Ray's console stays free of the Placement
     Group Cleaner's "Failed to query" flood."""
     from safetensors.torch import load_file
 
@@ -151,6 +151,7 @@ def test_two_workers_with_unequal_micro_batches_equal_one_worker(ray_local, tiny
     assert [o.status for o in outcomes] == ["trained", "trained"], outcomes
     assert outcomes[0].stats["workers"] == 2 and outcomes[0].stats["threads_per_worker"] == 1
     results["two"] = [load_file(f"{j.pdir}/adapter/adapter_model.safetensors") for j in jobs]
+    phases = {"two": [store.read_json(f"{j.pdir}/train.json")["on_policy"] for j in jobs]}
 
     store = Store(tmp_path / "one")
     jobs = train_jobs(store, smollm_tokenizer, ["x", "y"])
@@ -158,6 +159,12 @@ def test_two_workers_with_unequal_micro_batches_equal_one_worker(ray_local, tiny
     outcomes = train_local(cfg, store, jobs, model, tok, resolved.path, progress=False)
     assert [o.status for o in outcomes] == ["trained", "trained"], outcomes
     results["one"] = [load_file(f"{j.pdir}/adapter/adapter_model.safetensors") for j in jobs]
+    phases["one"] = [store.read_json(f"{j.pdir}/train.json")["on_policy"] for j in jobs]
+    # The default's on-policy phase ran in both (sampling, teacher scoring and reverse-KL steps
+    # on every rank with the same seeds), on the same replies: the parity covers it.
+    for two, one in zip(phases["two"], phases["one"]):
+        assert one["examples"] > 0 and one["steps"] > 0
+        assert (two["examples"], two["steps"], two["dropped"]) == (one["examples"], one["steps"], one["dropped"])
     for two, one in zip(results["two"], results["one"]):
         assert two.keys() == one.keys()
         assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora_B" in k)
