@@ -72,7 +72,8 @@ def _env() -> list[dict[str, Any]]:
     env.append({"name": "GENPI_CACHE", "value": "/home/ray/.cache/genpi"})
     # One glibc malloc arena for every thread, as genpi gives a local Ray (genpi.rayinit):
     # Ray Train runs the train function on a second thread, which otherwise trains 1.2-1.3x
-    # slower on a CPU worker (bench/thread_malloc.py). Harmless on GPU pods.
+    # slower on a CPU worker (bench/thread_malloc.py). Set on GPU pods too (not measured there:
+    # their training tensors are not host memory).
     env.append({"name": "MALLOC_ARENA_MAX", "value": MALLOC_ARENA_MAX})
     return env
 
