@@ -124,8 +124,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)
     grad_clip: float = Field(default=1.0, gt=0)
     max_length: int = Field(default=1024, gt=0)
-    # Joint loss weights: w_sft*L_SFT + w_pg*L_PG + w_kl*L_KL.
-    w_sft: float = Field(default=0.5, ge=0)
+    # Joint loss weights: w_sft*L_SFT + w_pg*L_PG + w_kl*L_KL. SFT at 0.1 (0.5 until
+    # 2026-12-04): the hard-label term pulls the adapter toward the teacher's sampled tokens and
+    # away from its distribution; at 0.1 the KL ratio rose on all 8 prompts of the quality suite
+    # and on the French example at full size, the checks held (README, `sft05` in bench/quality.py).
+    w_sft: float = Field(default=0.1, ge=0)
     w_pg: float = Field(default=0.1, ge=0)
     w_kl: float = Field(default=1.0, ge=0)
     # Prompt-generation target: the verbatim prompt (GenPI), a paraphrase written by the
