@@ -97,19 +97,22 @@ def settings() -> dict[str, dict]:
         "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
         # The on-policy phase longer, or at twice the learning rate (the default: 2 + 2 epochs, 5e-4).
         "on3": {"label": "joint, 2 epochs + 3 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 3}},
+        # The default until 2026-12-04: 2 on-policy epochs.
+        "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 2}},
         "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
         # The loss of the off-policy epochs with the on-policy phase on: KL only (Prompt Baking's
         # loss, ahead on KL off-policy) and a fifth of the default's SFT weight.
-        "kl_on": {"label": "KL only, 2 epochs + on-policy phase",
-                  "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0}},
+        "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
+                  "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
+                                "train.on_policy_epochs": 2}},
         "kl_on3": {"label": "KL only, 2 epochs + 3 on-policy epochs",
                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
                                  "train.on_policy_epochs": 3}},
-        "sft_low": {"label": "joint at w_sft 0.1, 2 epochs + on-policy phase",
-                    "overrides": {**joint, "train.w_sft": 0.1}},
+        "sft_low": {"label": "joint at w_sft 0.1, 2 epochs + 2 on-policy epochs",
+                    "overrides": {**joint, "train.w_sft": 0.1, "train.on_policy_epochs": 2}},
         # The default until 2026-12-04 (SFT weight 0.5), with the on-policy phase.
         "sft05": {"label": "joint at w_sft 0.5 (the default until 2026-12-04)",
-                  "overrides": {**joint, "train.w_sft": 0.5}},
+                  "overrides": {**joint, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",

@@ -201,21 +201,21 @@ def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model
 
 
 def test_without_the_phase_its_settings_stay_out_of_the_training_fingerprint():
-    """The phase is on by default (2 off-policy + 2 on-policy epochs). A store trained before
+    """The phase is on by default (2 off-policy + 3 on-policy epochs). A store trained before
     (4 epochs, no phase) keeps its adapters when run with train.epochs=4
     train.on_policy_epochs=0: without the phase, its other settings -- whose defaults changed
     -- do not enter the training stage's fingerprint; with it, they do."""
     from genpi.config import GenpiConfig
 
     d = GenpiConfig().train
-    assert (d.epochs, d.on_policy_epochs, d.on_policy_lr) == (2, 2, 5e-4)
+    assert (d.epochs, d.on_policy_epochs, d.on_policy_lr) == (2, 3, 5e-4)
     old = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0}}).stage_dict("train")
     assert not any(k.startswith("on_policy") for k in old) and old["epochs"] == 4
     for other in ({"on_policy_lr": None}, {"on_policy_lr": 1e-3, "on_policy_max_new_tokens": 9}):
         same = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0, **other}})
         assert same.stage_dict("train") == old
     on = GenpiConfig().stage_dict("train")
-    assert (on["on_policy_epochs"], on["on_policy_lr"]) == (2, 5e-4)
+    assert (on["on_policy_epochs"], on["on_policy_lr"]) == (3, 5e-4)
     assert GenpiConfig.model_validate({"train": {"on_policy_lr": 1e-3}}).stage_dict("train") != on
 
 
