@@ -95,21 +95,19 @@ def settings() -> dict[str, dict]:
                     "overrides": {**joint, **OFF_POLICY, "train.epochs": 2}},
         # The on-policy phase after 4 off-policy epochs instead of the default's 2.
         "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
-        # The on-policy phase longer, or at twice the learning rate (the default: 2 + 2 epochs, 5e-4).
+        # The on-policy phase's length, or twice its learning rate (the default: 2 + 3 epochs, 5e-4).
         "on3": {"label": "joint, 2 epochs + 3 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 3}},
-        # The default until 2026-12-04: 2 on-policy epochs.
+        # 2 on-policy epochs, the default until 2026-12-04 (measured as `sft_low` then).
         "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 2}},
         "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
         # The loss of the off-policy epochs with the on-policy phase on: KL only (Prompt Baking's
-        # loss, ahead on KL off-policy) and a fifth of the default's SFT weight.
+        # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.
         "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
                   "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
                                 "train.on_policy_epochs": 2}},
         "kl_on3": {"label": "KL only, 2 epochs + 3 on-policy epochs",
                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
                                  "train.on_policy_epochs": 3}},
-        "sft_low": {"label": "joint at w_sft 0.1, 2 epochs + 2 on-policy epochs",
-                    "overrides": {**joint, "train.w_sft": 0.1, "train.on_policy_epochs": 2}},
         # The default until 2026-12-04 (SFT weight 0.5), with the on-policy phase.
         "sft05": {"label": "joint at w_sft 0.5 (the default until 2026-12-04)",
                   "overrides": {**joint, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
