@@ -99,6 +99,16 @@ def settings() -> dict[str, dict]:
         "on3": {"label": "joint, 2 epochs + 3 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 3}},
         # 2 on-policy epochs, the default until 2026-12-04 (measured as `sft_low` then).
         "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 2}},
+        # On-policy replies as long as the evaluation's (eval.max_new_tokens 96): at 64 the
+        # phase never trains the positions 65-96 that the KL ratio scores.
+        "onlen96": {"label": "joint, on-policy replies of 96 tokens",
+                    "overrides": {**joint, "train.on_policy_max_new_tokens": 96}},
+        # The on-policy phase's divergence: forward KL (the off-policy loss, and what the KL
+        # ratio measures) or forward + reverse, against the default's reverse KL.
+        "onfwd": {"label": "joint, on-policy forward KL",
+                  "overrides": {**joint, "train.on_policy_divergence": "forward"}},
+        "onboth": {"label": "joint, on-policy forward + reverse KL",
+                   "overrides": {**joint, "train.on_policy_divergence": "both"}},
         "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
         # The loss of the off-policy epochs with the on-policy phase on: KL only (Prompt Baking's
         # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.

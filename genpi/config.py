@@ -169,6 +169,11 @@ class TrainConfig(_Strict):
     # A quarter of train.lr: the phase refines the off-policy adapter, whose cosine schedule
     # ended near 0; it is not a second training from scratch. None: train.lr.
     on_policy_lr: float | None = Field(default=5e-4, gt=0)
+    # The phase's divergence on the student's own tokens: KL(student || teacher) ("reverse",
+    # mode-seeking, as GKD and OPCD), KL(teacher || student) ("forward": the loss of the
+    # off-policy epochs and the measure the KL ratio reports, on the student's prefixes), or
+    # their sum ("both"). bench/quality.py's onfwd and onboth settings measure them.
+    on_policy_divergence: Literal["reverse", "forward", "both"] = "reverse"
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
@@ -258,11 +263,12 @@ class GenpiConfig(_Strict):
 # checkpoints only decide where a crashed run resumes. (engine.* but top_k_logprobs, cluster.* and
 # serve.* never enter a fingerprint at all.)
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
-ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr")
+ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr", "on_policy_divergence")
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
-                         "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0},
+                         "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0,
+                         "on_policy_divergence": "reverse"},
                "synth": {"seed_topics": 0, "section_inputs": 0}}
 
 

@@ -54,11 +54,12 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     base = load_config(None, []).train.model_dump()
     diff = {arm: {f"train.{k}": v for k, v in load_config(None, []).with_overrides(s[arm]["overrides"]).train
                   .model_dump().items() if base[k] != v}
-            for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3")}
+            for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3", "onlen96")}
     assert diff["on2"] == {"train.on_policy_epochs": 2} and d.on_policy_epochs == 3 and diff["on3"] == {}
     assert diff["sft05"] == {"train.w_sft": 0.5, "train.on_policy_epochs": 2} and d.w_sft == 0.1
     kl = {"train.w_sft": 0.0, "train.w_pg": 0.0}
     assert diff["kl_on"] == {**kl, "train.on_policy_epochs": 2} and diff["kl_on3"] == kl
+    assert diff["onlen96"] == {"train.on_policy_max_new_tokens": 96}
     # Both new arms are the default plus their option (they measure the option, nothing else).
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]

@@ -12,7 +12,7 @@ from genpi.engines.base import render_chat
 from genpi.models import load_model
 from genpi.store import Store
 from genpi.train.jobs import train_local
-from genpi.train.losses import topk_kl, topk_reverse_kl
+from genpi.train.losses import topk_both_kl, topk_kl, topk_reverse_kl
 from genpi.train.loop import TrainingSet
 from genpi.train.multilora import PackedLora
 from genpi.train.onpolicy import TOP_K, run_phase, sample_replies
@@ -51,6 +51,10 @@ def test_reverse_topk_kl_is_the_coarse_reverse_kl():
     same = t_logp[None].roll(-1, dims=1).clone()  # logits at t-1 predict the token at t
     assert float(topk_reverse_kl(same, ids, lps, mask)[0]) == pytest.approx(0.0, abs=1e-5)
     assert float(topk_kl(same, ids, lps, mask)[0]) == pytest.approx(0.0, abs=1e-5)
+    # train.on_policy_divergence="both": the two directions' sum over the same rows.
+    both, n2 = topk_both_kl(s_logits, ids, lps, mask)
+    fwd = float(topk_kl(s_logits, ids, lps, mask)[0].detach())
+    assert int(n2) == 3 and fwd > 0 and float(both.detach()) == pytest.approx(want + fwd, rel=1e-4)
 
 
 # ---- the phase ----------------------------------------------------------------------------
@@ -154,6 +158,27 @@ def test_the_phase_trains_on_the_teachers_topk_of_the_students_tokens(tiny_model
     torch.testing.assert_close(torch.tensor([ex.kl_logprobs[j][:TOP_K] for j in pos]), lp.topk(TOP_K).values,
                                rtol=1e-4, atol=1e-4)
     pack.remove()
+
+
+def test_the_phase_trains_on_the_configured_divergence(tiny_model_dir):
+    """train.on_policy_divergence reaches the phase's loss: from the same adapters and the same
+    sampled replies (one step per epoch, so the epoch's loss is the starting adapters'), the
+    "both" loss is the "forward" loss plus the "reverse" one, and those two differ."""
+    losses = {}
+    for div in ("reverse", "forward", "both"):
+        torch.manual_seed(0)
+        model, tok, pack = _pack(tiny_model_dir)
+        cfg = TrainConfig(on_policy_epochs=1, on_policy_max_new_tokens=6, batch_size=8, lr=1e-2,
+                          autocast="off", on_policy_divergence=div)
+        members = [PackMember(k, TrainingSet(inputs=list(INPUTS)), seed=i) for i, k in enumerate(("pirate", "fr"))]
+        run_phase(model, pack, tok, members, PROMPTS, cfg, tok.pad_token_id, model.device,
+                  optimizer=PackedAdamW(pack.parameters(), 2))
+        losses[div] = [m.ts.phase_info["on_policy"]["epoch_losses"][0] for m in members]
+        pack.remove()
+    for i in range(2):
+        assert losses["forward"][i] > 0 and losses["reverse"][i] > 0
+        assert losses["forward"][i] != pytest.approx(losses["reverse"][i], rel=1e-3)
+        assert losses["both"][i] == pytest.approx(losses["forward"][i] + losses["reverse"][i], rel=1e-4)
 
 
 def test_train_local_runs_the_phase_and_reports_it(tiny_model_dir, tmp_path):

@@ -192,6 +192,14 @@ def topk_reverse_kl(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tenso
     return _per_sequence_sum(kl_top + kl_tail, target_mask), target_mask.sum(dim=1)
 
 
+def topk_both_kl(logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> LossParts:
+    """KL(teacher || student) + KL(student || teacher) over the same top-k rows (the on-policy
+    phase's train.on_policy_divergence="both"): mass-covering and mode-seeking at once."""
+    fwd, n = topk_kl(logits, teacher_ids, teacher_logprobs, mask)
+    rev, _ = topk_reverse_kl(logits, teacher_ids, teacher_logprobs, mask)
+    return fwd + rev, n
+
+
 def mean_topk_kl(
     logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor, *, tail_eps: float = TAIL_EPS
 ) -> Tensor:

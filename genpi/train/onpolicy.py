@@ -11,7 +11,8 @@ student's own samples, scored by the teacher. After a pack's off-policy epochs:
    one forward over each (prompt, input, student reply) and gives its top-k log-probabilities
    on the student's tokens;
 3. the adapter trains `on_policy_epochs` more epochs on reverse KL(student || teacher)
-   over those rows (:func:`genpi.train.losses.topk_reverse_kl`), on the same optimizer
+   over those rows (:func:`genpi.train.losses.topk_reverse_kl`; train.on_policy_divergence
+   chooses the forward KL or the sum of both instead), on the same optimizer
    (its AdamW moments and step count go on), with its own warm-up and cosine schedule.
 
 Both sides share the training process's model, so no engine, store round trip or second
@@ -190,7 +191,7 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
     phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
     offset = list(prior.step) if prior is not None else None
     prog = train_pack(model, pack, phase_members, phase_config(cfg), pad_id, optimizer=optimizer, engine=engine,
-                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step, divergence="reverse",
+                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step, divergence=cfg.on_policy_divergence,
                       step_offset=offset)
     for i, (m, ts) in enumerate(zip(members, sets)):
         m.ts.phase_info["on_policy"] = {

@@ -33,7 +33,7 @@ from genpi.config import TrainConfig
 from genpi.train import dependence, precision, validation
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
-from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl, topk_reverse_kl
+from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl, topk_reverse_kl, topk_both_kl
 
 
 # ---- optimizer ---------------------------------------------------------------------------
@@ -216,15 +216,15 @@ def pack_step(model, pack, samples: list[tuple[int, str, EncodedExample]], cfg: 
     """Forward + backward of one packed step; returns per-slot [K, 3] sums of (sft, pg, kl)
     per-token losses and [K, 3] token counts, summed over ranks, stacked as [2, K, 3]
     (on ``device``, the parameters' device). ``divergence``: the KL part is KL(teacher ||
-    student) ("forward", off-policy data) or KL(student || teacher) ("reverse", the on-policy
-    phase's own replies)."""
+    student) ("forward", off-policy data), KL(student || teacher) ("reverse", the on-policy
+    phase's own replies by default) or their sum ("both")."""
     # Every tensor created here without an explicit device (ours, and token_scale's) lands
     # on the parameters' device: a collective never gets a host tensor (NCCL has no CPU
     # backend), and no per-chunk host round trip is needed.
     with torch.device(device):
         return _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch,
                           backward or (lambda loss, last: loss.backward()),
-                          {"forward": topk_kl, "reverse": topk_reverse_kl}[divergence])
+                          {"forward": topk_kl, "reverse": topk_reverse_kl, "both": topk_both_kl}[divergence])
 
 
 def _pack_step(model, pack, samples, cfg, pad_id, device, rank, world, micro_batch, backward, kl_fn) -> Tensor:
