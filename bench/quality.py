@@ -61,6 +61,10 @@ DEFAULT_SETTINGS = ["joint", "sft_pg", "kl_only"]
 
 # The off-policy-only training of the published methods and of genpi before 2026-12-04.
 OFF_POLICY = {"train.epochs": 4, "train.on_policy_epochs": 0}
+# The on-policy phase as it was by default until 2026-12-05 (3 epochs of reverse KL on
+# 64-token replies): the arms measured against it keep it, so their results stay reproducible.
+PREV_ON = {"train.on_policy_epochs": 3, "train.on_policy_divergence": "reverse",
+           "train.on_policy_max_new_tokens": 64}
 
 
 def settings() -> dict[str, dict]:
@@ -95,32 +99,39 @@ def settings() -> dict[str, dict]:
                     "overrides": {**joint, **OFF_POLICY, "train.epochs": 2}},
         # The on-policy phase after 4 off-policy epochs instead of the default's 2.
         "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
-        # The on-policy phase's length, or twice its learning rate (the default: 2 + 3 epochs, 5e-4).
-        "on3": {"label": "joint, 2 epochs + 3 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 3}},
+        # The on-policy phase's length, or twice its learning rate (the default until 2026-12-05:
+        # 2 + 3 epochs at 5e-4, reverse KL on 64-token replies; 5 epochs of both KLs on 96 since).
+        "on3": {"label": "joint, 2 + 3 on-policy epochs, reverse KL, 64 tokens (the default until 2026-12-05)", "overrides": {**joint, **PREV_ON}},
         # 2 on-policy epochs, the default until 2026-12-04 (measured as `sft_low` then).
-        "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, "train.on_policy_epochs": 2}},
+        "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 2}},
         # On-policy replies as long as the evaluation's (eval.max_new_tokens 96): at 64 the
         # phase never trains the positions 65-96 that the KL ratio scores.
         "onlen96": {"label": "joint, on-policy replies of 96 tokens",
-                    "overrides": {**joint, "train.on_policy_max_new_tokens": 96}},
+                    "overrides": {**joint, **PREV_ON, "train.on_policy_max_new_tokens": 96}},
         # The on-policy phase's divergence: forward KL (the off-policy loss, and what the KL
         # ratio measures) or forward + reverse, against the default's reverse KL.
         "onfwd": {"label": "joint, on-policy forward KL",
-                  "overrides": {**joint, "train.on_policy_divergence": "forward"}},
+                  "overrides": {**joint, **PREV_ON, "train.on_policy_divergence": "forward"}},
         "onboth": {"label": "joint, on-policy forward + reverse KL",
-                   "overrides": {**joint, "train.on_policy_divergence": "both"}},
+                   "overrides": {**joint, **PREV_ON, "train.on_policy_divergence": "both"}},
+        # A longer phase on the same samples, alone and with the two options above (on5_both96:
+        # the default since 2026-12-05).
+        "on5": {"label": "joint, 2 epochs + 5 on-policy epochs", "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 5}},
+        "on5_both96": {"label": "joint, 5 on-policy epochs, forward + reverse KL, 96-token replies",
+                       "overrides": {**joint, "train.on_policy_epochs": 5, "train.on_policy_divergence": "both",
+                                     "train.on_policy_max_new_tokens": 96}},
         "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
         # The loss of the off-policy epochs with the on-policy phase on: KL only (Prompt Baking's
         # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.
         "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
                   "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                "train.on_policy_epochs": 2}},
+                                **PREV_ON, "train.on_policy_epochs": 2}},
         "kl_on3": {"label": "KL only, 2 epochs + 3 on-policy epochs",
                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                 "train.on_policy_epochs": 3}},
+                                 **PREV_ON}},
         # The default until 2026-12-04 (SFT weight 0.5), with the on-policy phase.
         "sft05": {"label": "joint at w_sft 0.5 (the default until 2026-12-04)",
-                  "overrides": {**joint, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
+                  "overrides": {**joint, **PREV_ON, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",

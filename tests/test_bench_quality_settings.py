@@ -51,15 +51,23 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
         assert s[arm]["overrides"]["train.on_policy_epochs"] == 0, arm
     assert s["onpolicy"]["overrides"]["train.epochs"] == 4 and d.on_policy_epochs > 0
     # The loss-weight and phase-length arms differ from the default only in what they measure.
-    base = load_config(None, []).train.model_dump()
+    # Measured against the phase as it was until 2026-12-05 (quality.PREV_ON): each arm keeps
+    # what it measured then, so its stored adapters and results stay reproducible.
+    base = load_config(None, []).with_overrides(quality.PREV_ON).train.model_dump()
     diff = {arm: {f"train.{k}": v for k, v in load_config(None, []).with_overrides(s[arm]["overrides"]).train
                   .model_dump().items() if base[k] != v}
-            for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3", "onlen96")}
-    assert diff["on2"] == {"train.on_policy_epochs": 2} and d.on_policy_epochs == 3 and diff["on3"] == {}
+            for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3", "onlen96", "onfwd", "onboth", "on5", "on5_both96")}
+    assert diff["on2"] == {"train.on_policy_epochs": 2} and diff["on3"] == {}
     assert diff["sft05"] == {"train.w_sft": 0.5, "train.on_policy_epochs": 2} and d.w_sft == 0.1
     kl = {"train.w_sft": 0.0, "train.w_pg": 0.0}
     assert diff["kl_on"] == {**kl, "train.on_policy_epochs": 2} and diff["kl_on3"] == kl
     assert diff["onlen96"] == {"train.on_policy_max_new_tokens": 96}
+    assert diff["onfwd"] == {"train.on_policy_divergence": "forward"}
+    assert diff["onboth"] == {"train.on_policy_divergence": "both"} and diff["on5"] == {"train.on_policy_epochs": 5}
+    assert diff["on5_both96"] == {**diff["on5"], **diff["onboth"], **diff["onlen96"]}
+    # ... which is the default since 2026-12-05.
+    assert (d.on_policy_epochs, d.on_policy_divergence, d.on_policy_max_new_tokens) == (5, "both", 96)
+    assert load_config(None, []).with_overrides(s["on5_both96"]["overrides"]).train == load_config(None, []).train
     # Both new arms are the default plus their option (they measure the option, nothing else).
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]

@@ -118,7 +118,7 @@ def test_rows_leave_the_decode_batch_under_one_adapters_routing(tiny_model_dir):
 def test_the_phase_trains_on_the_teachers_topk_of_the_students_tokens(tiny_model_dir):
     """run_phase: every example is an adapter's own sampled reply with, on its tokens, the
     teacher's top-k -- the base without adapter, with the prompt -- and the adapters train on
-    them (reverse KL only), their AdamW steps going on from the off-policy phase's."""
+    them (KL only), their AdamW steps going on from the off-policy phase's."""
     model, tok, pack = _pack(tiny_model_dir)
     cfg = TrainConfig(on_policy_epochs=2, on_policy_max_new_tokens=6, batch_size=2, lr=1e-2, autocast="off")
     members = [PackMember(k, TrainingSet(inputs=list(INPUTS)), seed=i) for i, k in enumerate(("pirate", "fr"))]
@@ -226,21 +226,21 @@ def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model
 
 
 def test_without_the_phase_its_settings_stay_out_of_the_training_fingerprint():
-    """The phase is on by default (2 off-policy + 3 on-policy epochs). A store trained before
+    """The phase is on by default (2 off-policy + 5 on-policy epochs). A store trained before
     (4 epochs, no phase) keeps its adapters when run with train.epochs=4
     train.on_policy_epochs=0: without the phase, its other settings -- whose defaults changed
     -- do not enter the training stage's fingerprint; with it, they do."""
     from genpi.config import GenpiConfig
 
     d = GenpiConfig().train
-    assert (d.epochs, d.on_policy_epochs, d.on_policy_lr) == (2, 3, 5e-4)
+    assert (d.epochs, d.on_policy_epochs, d.on_policy_lr) == (2, 5, 5e-4)
     old = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0}}).stage_dict("train")
     assert not any(k.startswith("on_policy") for k in old) and old["epochs"] == 4
     for other in ({"on_policy_lr": None}, {"on_policy_lr": 1e-3, "on_policy_max_new_tokens": 9}):
         same = GenpiConfig.model_validate({"train": {"epochs": 4, "on_policy_epochs": 0, **other}})
         assert same.stage_dict("train") == old
     on = GenpiConfig().stage_dict("train")
-    assert (on["on_policy_epochs"], on["on_policy_lr"]) == (3, 5e-4)
+    assert (on["on_policy_epochs"], on["on_policy_lr"], on["on_policy_divergence"]) == (5, 5e-4, "both")
     assert GenpiConfig.model_validate({"train": {"on_policy_lr": 1e-3}}).stage_dict("train") != on
 
 

@@ -10,9 +10,10 @@ student's own samples, scored by the teacher. After a pack's off-policy epochs:
 2. the teacher -- the same frozen base, no adapter, the prompt in the system slot -- runs
    one forward over each (prompt, input, student reply) and gives its top-k log-probabilities
    on the student's tokens;
-3. the adapter trains `on_policy_epochs` more epochs on reverse KL(student || teacher)
-   over those rows (:func:`genpi.train.losses.topk_reverse_kl`; train.on_policy_divergence
-   chooses the forward KL or the sum of both instead), on the same optimizer
+3. the adapter trains `on_policy_epochs` more epochs on the KL over those rows chosen by
+   train.on_policy_divergence: reverse KL(student || teacher)
+   (:func:`genpi.train.losses.topk_reverse_kl`), forward, or their sum (the default since
+   2026-12-05: ahead of reverse alone on the French example), on the same optimizer
    (its AdamW moments and step count go on), with its own warm-up and cosine schedule.
 
 Both sides share the training process's model, so no engine, store round trip or second
