@@ -101,9 +101,11 @@ def settings() -> dict[str, dict]:
         "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
         # The on-policy phase's length, or twice its learning rate (the default until 2026-12-05:
         # 2 + 3 epochs at 5e-4, reverse KL on 64-token replies; 5 epochs of both KLs on 96 since).
-        "on3": {"label": "joint, 2 + 3 on-policy epochs, reverse KL, 64 tokens (the default until 2026-12-05)", "overrides": {**joint, **PREV_ON}},
+        "on3": {"label": "joint, 2 + 3 on-policy epochs, reverse KL, 64 tokens (the default until 2026-12-05)",
+                "overrides": {**joint, **PREV_ON}},
         # 2 on-policy epochs, the default until 2026-12-04 (measured as `sft_low` then).
-        "on2": {"label": "joint, 2 epochs + 2 on-policy epochs", "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 2}},
+        "on2": {"label": "joint, 2 epochs + 2 on-policy epochs",
+                "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 2}},
         # On-policy replies as long as the evaluation's (eval.max_new_tokens 96): at 64 the
         # phase never trains the positions 65-96 that the KL ratio scores.
         "onlen96": {"label": "joint, on-policy replies of 96 tokens",
@@ -116,7 +118,8 @@ def settings() -> dict[str, dict]:
                    "overrides": {**joint, **PREV_ON, "train.on_policy_divergence": "both"}},
         # A longer phase on the same samples, alone and with the two options above (on5_both96:
         # the default since 2026-12-05).
-        "on5": {"label": "joint, 2 epochs + 5 on-policy epochs", "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 5}},
+        "on5": {"label": "joint, 2 epochs + 5 on-policy epochs",
+                "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 5}},
         "on5_both96": {"label": "joint, 5 on-policy epochs, forward + reverse KL, 96-token replies",
                        "overrides": {**joint, "train.on_policy_epochs": 5, "train.on_policy_divergence": "both",
                                      "train.on_policy_max_new_tokens": 96}},

@@ -192,8 +192,8 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
     phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
     offset = list(prior.step) if prior is not None else None
     prog = train_pack(model, pack, phase_members, phase_config(cfg), pad_id, optimizer=optimizer, engine=engine,
-                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step, divergence=cfg.on_policy_divergence,
-                      step_offset=offset)
+                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step,
+                      divergence=cfg.on_policy_divergence, step_offset=offset)
     for i, (m, ts) in enumerate(zip(members, sets)):
         m.ts.phase_info["on_policy"] = {
             "epochs": cfg.on_policy_epochs, "examples": len(ts.examples), "dropped": dict(Counter(ts.dropped)),

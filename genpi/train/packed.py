@@ -33,7 +33,8 @@ from genpi.config import TrainConfig
 from genpi.train import dependence, precision, validation
 from genpi.train.data import EncodedExample, collate
 from genpi.train.loop import TrainingSet, lr_at, make_batches, micro_batches
-from genpi.train.losses import IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_kl, topk_reverse_kl, topk_both_kl
+from genpi.train.losses import (IGNORE_INDEX, PARTS, joint_loss, token_ce, token_scale, topk_both_kl, topk_kl,
+                                topk_reverse_kl)
 
 
 # ---- optimizer ---------------------------------------------------------------------------
@@ -299,8 +300,10 @@ def train_pack(model, pack, members: Sequence[PackMember], cfg: TrainConfig, pad
     opt = optimizer if engine is None else engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizer wraps ours
     device = next(iter(pack.parameters())).device
-    if divergence == "forward":  # before the plans: it replaces the examples it drops from the KL term
-        dependence.apply(model, pack, members, cfg, pad_id, device, rank, world)
+    # Before the plans: it replaces the examples it drops from the KL term. The config decides
+    # (the on-policy phase's, phase_config, has it off), not the divergence: "forward" is also
+    # an on-policy choice now.
+    dependence.apply(model, pack, members, cfg, pad_id, device, rank, world)
     plans = [member_batches(m.ts, cfg) for m in members]
     prog = progress or PackProgress.start([len(p) for p in plans])
     vals = {i: m.ts.val for i, m in enumerate(members) if m.ts.val}
