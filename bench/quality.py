@@ -124,6 +124,8 @@ def settings() -> dict[str, dict]:
                        "overrides": {**joint, "train.on_policy_epochs": 5, "train.on_policy_divergence": "both",
                                      "train.on_policy_max_new_tokens": 96}},
         "onlr": {"label": "joint, on-policy lr 1e-3", "overrides": {**joint, "train.on_policy_lr": 1e-3}},
+        "onlr2": {"label": "joint, on-policy lr 2e-3", "overrides": {**joint, "train.on_policy_lr": 2e-3}},
+        "onlr4": {"label": "joint, on-policy lr 4e-3", "overrides": {**joint, "train.on_policy_lr": 4e-3}},
         # The loss of the off-policy epochs with the on-policy phase on: KL only (Prompt Baking's
         # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.
         "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
