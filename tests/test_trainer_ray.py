@@ -41,7 +41,10 @@ def test_prepare_jobs_fails_only_the_broken_prompt(smollm_tokenizer, tmp_path):
 
 
 TRAIN = ["train.epochs=1", "train.batch_size=2", "train.lora_r=4", "train.lora_alpha=8", "train.pack_size=2",
-         "cluster.train_workers=2", "cluster.cpus_per_train_worker=1", "train.zero_stage=2"]
+         "cluster.train_workers=2", "cluster.cpus_per_train_worker=1", "train.zero_stage=2",
+         # The on-policy phase runs, small: at the default (5 epochs, 96-token samples) it was
+         # half of the SmolLM2 test's time. test_trainer_ranks checks the default's phase.
+         "train.on_policy_epochs=1", "train.on_policy_max_new_tokens=8"]
 
 
 def test_two_workers_zero2_publish_peft_adapters(ray_local, smollm_tokenizer, tmp_path):
