@@ -97,6 +97,12 @@ class SynthConfig(_Strict):
     # Long prompts (over 500 tokens): inputs are also generated for each section of the
     # prompt (its rules, demonstrations, tools), up to this many sections; 0 = off.
     section_inputs: int = Field(default=0, ge=0)
+    # Generic inputs: this share of the n_train_inputs (rounded) are everyday messages to any
+    # assistant, generated without the prompt (steered over genpi/data/topics.txt's topics and
+    # styles), so the adapter also learns what the prompted model does with messages its prompt
+    # did not anticipate (real users send them: a review classifier gets "how do I boil an
+    # egg?"). Training only: the held-out split stays the prompt's own inputs. 0 = off.
+    generic_share: float = Field(default=0.0, ge=0, lt=1)
     # Diversity target: distinct inputs as a share of the requested count; below it the
     # synthesis summary flags the prompt (a prompt the model cannot vary on).
     min_diversity: float = Field(default=0.5, ge=0, le=1)
@@ -107,6 +113,11 @@ class SynthConfig(_Strict):
         if self.min_input_chars > self.max_input_chars:
             raise ValueError("min_input_chars must not exceed max_input_chars")
         return self
+
+    @property
+    def generic_inputs(self) -> int:
+        """How many of the training inputs are generic (synth.generic_share)."""
+        return round(self.generic_share * self.n_train_inputs)
 
 
 class TrainConfig(_Strict):
@@ -272,7 +283,7 @@ ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
                          "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0,
                          "on_policy_divergence": "reverse"},
-               "synth": {"seed_topics": 0, "section_inputs": 0}}
+               "synth": {"seed_topics": 0, "section_inputs": 0, "generic_share": 0.0}}
 
 
 # --------------------------------------------------------------------------- overrides

@@ -69,6 +69,7 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     assert (d.on_policy_epochs, d.on_policy_divergence, d.on_policy_max_new_tokens) == (5, "both", 96)
     assert load_config(None, []).with_overrides(s["on5_both96"]["overrides"]).train == load_config(None, []).train
     # Both new arms are the default plus their option (they measure the option, nothing else).
+    assert s["generic"]["overrides"] == {**s["joint"]["overrides"], "synth.generic_share": 0.25}
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
 

@@ -38,6 +38,24 @@ SECTION_ASK = ("\nThis time, list messages that would make the assistant apply t
                '\n"""\n{section}\n"""')
 STYLE_ASK = "\nStyle of the messages: {style}."
 
+# Generic inputs (synth.generic_inputs): messages to any assistant, the prompt not shown. Their
+# source in the input rows; the request; the topics drawn when synth.seed_topics is off.
+GENERIC = "generic"
+GENERIC_ASK = ("List realistic, varied messages that people send to an AI assistant, one per line. "
+               "Each message is what a user would actually type.")
+GENERIC_TOPIC_ASK = "\nThis time, list messages about {topic}.\nStyle of the messages: {style}."
+GENERIC_TOPICS = 16
+# The list the first generic calls continue, before any generic input exists (written for it:
+# none is in genpi/data/human_inputs.jsonl, the evaluation's set).
+GENERIC_STARTERS = (
+    "What can I cook tonight with rice, spinach and two eggs?",
+    "can you check my grammar: me and him goes to the gym every monday",
+    "Explain how a mortgage works in simple terms.",
+    "Give me three ideas for a rainy Sunday with kids.",
+    "Quelle est la meilleure façon d'apprendre à nager à 40 ans ?",
+    "My laptop fan got very loud after the last update, what can I do?",
+)
+
 
 def _focus(call: int, topics: TopicPlan | None, sections: Sequence[Section]) -> tuple[str, dict]:
     """What call number `call` (counted over all rounds of a prompt) asks for beyond ASK, and
@@ -75,6 +93,35 @@ def input_requests(prompt: str, examples: list[str], cfg: SynthConfig, round_idx
                 top_p=cfg.input_top_p,
                 seed=cfg.seed * 7919 + round_idx * 131 + call,
                 tag={"first_item": len(shown) + 1, **tag},
+            )
+        )
+    return reqs
+
+
+def generic_requests(prompt: str, examples: list[str], cfg: SynthConfig, round_idx: int, n_calls: int,
+                     first_call: int = 0) -> list[ChatRequest]:
+    """List-continuation requests for generic inputs: the prompt is not shown (it only seeds
+    the topic draw); each call names a topic and a style and continues a few earlier generic
+    inputs (GENERIC_STARTERS before there are any). `first_call`: generic calls made in earlier
+    rounds."""
+    topics = topic_plan(prompt, cfg.seed, cfg.seed_topics or GENERIC_TOPICS)
+    pool = examples or list(GENERIC_STARTERS)
+    reqs = []
+    for call in range(first_call, first_call + n_calls):
+        rnd = random.Random(cfg.seed * 100_003 + round_idx * 1_009 + call + 500_009)
+        shown = rnd.sample(pool, min(3, len(pool)))
+        prefix = "".join(f"{k + 1}. {x}\n" for k, x in enumerate(shown)) + f"{len(shown) + 1}."
+        topic = topics.topic(call)
+        reqs.append(
+            ChatRequest(
+                messages=[{"role": "user", "content": GENERIC_ASK + GENERIC_TOPIC_ASK.format(
+                    topic=topic, style=topics.style(call))}],
+                assistant_prefix=prefix,
+                max_new_tokens=cfg.input_max_new_tokens,
+                temperature=cfg.input_temperature,
+                top_p=cfg.input_top_p,
+                seed=cfg.seed * 7919 + round_idx * 131 + call + 500_009,
+                tag={"first_item": len(shown) + 1, "topic": topic, GENERIC: True},
             )
         )
     return reqs
@@ -245,14 +292,21 @@ class InputPool:
             self.meta[text] = meta
         return True
 
-    def texts(self) -> list[str]:
-        return [t for t, _ in self.items]
+    def texts(self, generic: bool = False) -> list[str]:
+        """The prompt's own inputs (seeds and generated), or the generic ones."""
+        return [t for t, s in self.items if (s == GENERIC) == generic]
+
+    def count(self, generic: bool = False) -> int:
+        return len(self.texts(generic))
 
 
-def split_inputs(pool: InputPool, n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+def split_inputs(pool: InputPool, n_train: int, n_heldout: int, seed: int,
+                 n_generic: int = 0) -> tuple[list[dict], list[dict]]:
     """Held-out inputs come from generated ones (seeds are examples, kept for training);
-    the two sets are disjoint by normalised text because the pool is de-duplicated."""
-    generated = [(t, s) for t, s in pool.items if s != "seed"]
+    the two sets are disjoint by normalised text because the pool is de-duplicated. Up to
+    n_generic generic inputs take training places; they are never held out."""
+    generic = [(t, s) for t, s in pool.items if s == GENERIC][:n_generic]
+    generated = [(t, s) for t, s in pool.items if s not in ("seed", GENERIC)]
     seeds = [(t, s) for t, s in pool.items if s == "seed"]
     rnd = random.Random(seed)
     rnd.shuffle(generated)
@@ -262,7 +316,7 @@ def split_inputs(pool: InputPool, n_train: int, n_heldout: int, seed: int) -> tu
         seeds = seeds[len(extra) :]
         generated = generated + extra
     held = generated[:n_heldout]
-    train = (seeds + generated[n_heldout:])[:n_train]
+    train = (seeds + generated[n_heldout:])[: n_train - len(generic)] + generic
     # Steered generation adds a column per tag (the same ones in every row, as Parquet needs);
     # unsteered rows are exactly as before.
     keys = sorted({k for m in pool.meta.values() for k in m})

@@ -40,8 +40,10 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
     state = []
     for r in rows:
         cfg = SynthConfig(**r["synth"])
+        # Generic inputs (synth.generic_inputs) are a quota of their own within the training inputs.
         s = {"row": r, "cfg": cfg, "pool": inp.InputPool(cfg, list(r["seeds"])), "rounds": 0, "calls": 0,
-             "need": cfg.n_train_inputs + cfg.n_heldout_inputs, "tokens": 0, "sections": []}
+             "need": cfg.n_train_inputs - cfg.generic_inputs + cfg.n_heldout_inputs, "tokens": 0, "sections": [],
+             "need_generic": cfg.generic_inputs, "generic_calls": 0}
         if cfg.section_inputs:
             n_tok, counted = sec.prompt_tokens(r["prompt"], getattr(engine, "tok", None))
             s["sections"] = sec.prompt_sections(r["prompt"], cfg.section_inputs, n_tok)
@@ -52,13 +54,14 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
         # A prompt with sections has one round even when its seeds are enough: every section
         # gets its inputs.
         short = [s for s in state if s["rounds"] < s["cfg"].max_input_rounds and
-                 (len(s["pool"].items) < s["need"] or (s["sections"] and not s["rounds"]))]
+                 (s["pool"].count() < s["need"] or s["pool"].count(generic=True) < s["need_generic"]
+                  or (s["sections"] and not s["rounds"]))]
         if not short:
             break
         # Enough calls for each shortfall at ~6 usable items per call (and, the first time, two
         # per section: one for the whole prompt, one for the section); the total is rounded up
         # to whole units (spare rows of a batch cost little and add candidates to choose from).
-        calls = [max(-(-(s["need"] - len(s["pool"].items)) // 6), 0 if s["rounds"] else 2 * len(s["sections"]))
+        calls = [max(-(-(s["need"] - s["pool"].count()) // 6), 0 if s["rounds"] else 2 * len(s["sections"]))
                  for s in short]
         spare = -(-sum(calls) // unit) * unit - sum(calls)
         for i in range(spare):
@@ -68,13 +71,19 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
             new = inp.input_requests(s["row"]["prompt"], s["pool"].texts(), s["cfg"], s["rounds"], n,
                                      first_call=s["calls"], sections=s["sections"])
             s["calls"] += n
+            g = max(-(-(s["need_generic"] - s["pool"].count(generic=True)) // 6), 0)
+            if g:
+                new += inp.generic_requests(s["row"]["prompt"], s["pool"].texts(generic=True), s["cfg"],
+                                            s["rounds"], g, first_call=s["generic_calls"])
+                s["generic_calls"] += g
             reqs += new
             owner += [s] * len(new)
         for s, r, c in zip(owner, reqs, engine.generate(reqs)):
             s["tokens"] += len(c.token_ids)
-            meta = {k: v for k, v in r.tag.items() if k != "first_item"}
+            meta = {k: v for k, v in r.tag.items() if k not in ("first_item", inp.GENERIC)}
+            source = inp.GENERIC if r.tag.get(inp.GENERIC) else "generated"
             for item in inp.parse_items(c.text):
-                s["pool"].add(item, "generated", meta)
+                s["pool"].add(item, source, meta)
         for s in short:
             s["rounds"] += 1
     return [_inputs_out(s) for s in state]
@@ -82,11 +91,12 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
 
 def _inputs_out(s: dict) -> Row:
     cfg, pool = s["cfg"], s["pool"]
-    train, held = inp.split_inputs(pool, cfg.n_train_inputs, cfg.n_heldout_inputs, cfg.seed)
-    diversity = len(pool.items) / s["need"]
+    train, held = inp.split_inputs(pool, cfg.n_train_inputs, cfg.n_heldout_inputs, cfg.seed,
+                                   n_generic=cfg.generic_inputs)
+    diversity = pool.count() / s["need"]
     stats = {
         "kept": len(pool.items),
-        "wanted": s["need"],
+        "wanted": s["need"] + s["need_generic"],
         "seeds": len(s["row"]["seeds"]),
         "rounds": s["rounds"],
         "dropped": dict(pool.dropped),
@@ -100,6 +110,8 @@ def _inputs_out(s: dict) -> Row:
     if cfg.section_inputs:
         stats["prompt_tokens"] = s["prompt_tokens"]
         stats["sections"] = {x.label: sum(r.get("section") == x.label for r in train + held) for x in s["sections"]}
+    if cfg.generic_inputs:
+        stats["generic"] = {"wanted": cfg.generic_inputs, "train": sum(r["source"] == inp.GENERIC for r in train)}
     if cfg.seed_topics:
         stats["topics"] = dict(Counter(r["topic"] for r in train + held if r.get("topic")))
     return {"prompt_id": s["row"]["prompt_id"], "inputs": train + held, "stats": stats, "tokens": s["tokens"]}
