@@ -213,7 +213,9 @@ from fake_synth import train_jobs as _jobs  # noqa: E402
 def _cfg(tiny_model_dir, pack_size: int):
     # fp32: packs of 2 and of 1 are compared exactly (bf16 rounds with the batch's shape).
     return load_config(None, [f"model.name={tiny_model_dir}", "train.autocast=off", "train.epochs=2", "train.batch_size=2",
-                              "train.lora_r=4", "train.lora_alpha=8", "train.lr=5e-3", f"train.pack_size={pack_size}"])
+                              "train.lora_r=4", "train.lora_alpha=8", "train.lr=5e-3", f"train.pack_size={pack_size}",
+                              # a small on-policy phase: the packs compare it too, at a fraction of the default's time
+                              "train.on_policy_epochs=1", "train.on_policy_max_new_tokens=8"])
 
 
 def _adapter(pdir: str) -> dict:

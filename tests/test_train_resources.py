@@ -88,7 +88,8 @@ def test_a_failing_pack_fails_only_its_own_prompts(ray_local, tiny_model_dir, sm
     ("pack did not finish"); now the pack's own prompts fail with its error and the rest train."""
     store = Store(tmp_path / "store")
     cfg = load_config(None, ["train.epochs=1", "train.batch_size=2", "train.lora_r=4", "train.pack_size=1",
-                             "cluster.train_workers=1", f"model.name={tiny_model_dir}"])
+                             "cluster.train_workers=1", f"model.name={tiny_model_dir}",
+                             "train.on_policy_epochs=1", "train.on_policy_max_new_tokens=8"])  # small, not the default's
     jobs = train_jobs(store, smollm_tokenizer, ["a", "b", "c"])
     for j in jobs:  # a stale failure of an earlier run is not this run's outcome
         store.write_json(f"{j.pdir}/{TRAIN_ERROR}", {"error": "an earlier run's failure"})
