@@ -77,3 +77,32 @@ def test_off_by_default_and_absent_from_the_default_fingerprint():
     assert SynthConfig().generic_inputs == 0
     assert "generic_share" not in GenpiConfig().stage_dict("synth")
     assert GenpiConfig().with_overrides({"synth.generic_share": 0.25}).stage_dict("synth")["generic_share"] == 0.25
+
+
+def test_generic_inputs_end_to_end_on_the_tiny_model_with_scripted_input_lists(tiny_model_dir, tmp_path):
+    """Through synthesis, its stored rows and the training examples: the generic inputs get
+    teacher replies like the others and train."""
+    from conftest import TINY_OVERRIDES
+
+    from genpi.config import load_config
+    from genpi.engines.hf import HFEngine
+    from genpi.manifest import PromptEntry
+    from genpi.models import load_model
+    from genpi.store import Store
+    from genpi.synth.pipeline import load_synth, synthesize
+    from genpi.train.loop import build_examples
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", *TINY_OVERRIDES, "synth.n_train_inputs=8",
+                             "synth.n_heldout_inputs=2", "synth.generic_share=0.5"])
+    model, tok, _ = load_model(cfg.model)
+    store = Store(tmp_path / "store")
+    entry = PromptEntry(id="sentiment", prompt=SENTIMENT, seed_inputs=["The lid broke on day one."])
+    pdir = store.prompt_dir(entry.id, "fp")
+    summary = synthesize(ListEngine(HFEngine(model, tok, 4)), entry, cfg, store, pdir)
+    assert summary["inputs"]["generic"] == {"wanted": 4, "train": 4}
+    synth = load_synth(store, pdir)
+    generic = {r["input"] for r in synth["inputs"] if r["source"] == GENERIC}
+    assert len(generic) == 4 and all(r["split"] == "train" for r in synth["inputs"] if r["input"] in generic)
+    assert generic <= {r["input"] for r in synth["to_be"]}, "every generic input has the prompted model's reply"
+    ts = build_examples(tok, synth, SENTIMENT, cfg.train)
+    assert generic <= set(ts.inputs)

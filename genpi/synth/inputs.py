@@ -38,7 +38,7 @@ SECTION_ASK = ("\nThis time, list messages that would make the assistant apply t
                '\n"""\n{section}\n"""')
 STYLE_ASK = "\nStyle of the messages: {style}."
 
-# Generic inputs (synth.generic_inputs): messages to any assistant, the prompt not shown. Their
+# Generic inputs (synth.generic_share): messages to any assistant, the prompt not shown. Their
 # source in the input rows; the request; the topics drawn when synth.seed_topics is off.
 GENERIC = "generic"
 GENERIC_ASK = ("List realistic, varied messages that people send to an AI assistant, one per line. "

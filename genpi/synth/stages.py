@@ -40,7 +40,7 @@ def inputs_stage(engine: Engine, rows: list[Row]) -> list[Row]:
     state = []
     for r in rows:
         cfg = SynthConfig(**r["synth"])
-        # Generic inputs (synth.generic_inputs) are a quota of their own within the training inputs.
+        # Generic inputs (synth.generic_share) are a quota of their own within the training inputs.
         s = {"row": r, "cfg": cfg, "pool": inp.InputPool(cfg, list(r["seeds"])), "rounds": 0, "calls": 0,
              "need": cfg.n_train_inputs - cfg.generic_inputs + cfg.n_heldout_inputs, "tokens": 0, "sections": [],
              "need_generic": cfg.generic_inputs, "generic_calls": 0}
