@@ -188,6 +188,12 @@ class TrainConfig(_Strict):
     # their sum ("both", the default since 2026-12-05). bench/quality.py's onfwd and onboth
     # settings measure them.
     on_policy_divergence: Literal["reverse", "forward", "both"] = "both"
+    # Share of the off-policy epochs' teacher-reply examples (not the prompt-generation ones)
+    # trained again in every on-policy epoch, beside the adapter's own replies, on the same
+    # divergence (GKD mixes the teacher's and the student's sequences the same way). The
+    # evaluation's KL is scored on the teacher's greedy replies; the phase alone trains on the
+    # student's prefixes only. 0 = off.
+    on_policy_replay: float = Field(default=0.0, ge=0, le=1)
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
@@ -277,12 +283,13 @@ class GenpiConfig(_Strict):
 # checkpoints only decide where a crashed run resumes. (engine.* but top_k_logprobs, cluster.* and
 # serve.* never enter a fingerprint at all.)
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
-ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr", "on_policy_divergence")
+ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr", "on_policy_divergence",
+                      "on_policy_replay")
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
                          "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0,
-                         "on_policy_divergence": "reverse"},
+                         "on_policy_divergence": "reverse", "on_policy_replay": 0.0},
                "synth": {"seed_topics": 0, "section_inputs": 0, "generic_share": 0.0}}
 
 

@@ -13,9 +13,10 @@ from genpi.models import load_model
 from genpi.store import Store
 from genpi.train.jobs import train_local
 from genpi.train.losses import topk_both_kl, topk_kl, topk_reverse_kl
+from genpi.train.data import EncodedExample
 from genpi.train.loop import TrainingSet
 from genpi.train.multilora import PackedLora
-from genpi.train.onpolicy import TOP_K, run_phase, sample_replies
+from genpi.train.onpolicy import TOP_K, replayed, run_phase, sample_replies
 from genpi.train.packed import PackedAdamW, PackMember
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -195,6 +196,59 @@ def test_train_local_runs_the_phase_and_reports_it(tiny_model_dir, tmp_path):
     assert out.status == "trained", out
     op = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
     assert op["epochs"] == 1 and op["examples"] > 0 and op["steps"] >= 1
+
+
+def _example(n: int, kl: bool) -> EncodedExample:
+    return EncodedExample(input_ids=list(range(n)), labels=[-100] + list(range(1, n)), kl_mask=[False] + [kl] * (n - 1),
+                          kl_ids=[[]] + [[1]] * (n - 1) if kl else None,
+                          kl_logprobs=[[]] + [[0.0]] * (n - 1) if kl else None, n_target_tokens=n - 1)
+
+
+def test_replay_draws_a_fixed_share_of_the_teacher_replies_only():
+    """train.on_policy_replay: the share of the teacher-reply examples (those with the teacher's
+    top-k), never a prompt-generation example or one without top-k; the same draw each time
+    (every rank of a pack and a rerun replay the same ones), another one per adapter seed."""
+    teacher = [("sft", _example(3 + i, True)) for i in range(10)]
+    ts = TrainingSet(examples=[*teacher, ("pg", _example(5, True)), ("sft", _example(4, False))])
+    assert replayed(ts, 0.0, 1) == [] and replayed(TrainingSet(), 0.5, 1) == []
+    half = replayed(ts, 0.5, 1)
+    assert len(half) == 5 and all(any(h is t for t in teacher) for h in half)
+    assert [id(e) for e in replayed(ts, 0.5, 1)] == [id(e) for e in half]
+    assert {id(e) for e in replayed(ts, 0.5, 2)} != {id(e) for e in half}
+    assert len(replayed(ts, 1.0, 1)) == 10
+
+
+def test_the_phase_trains_on_the_replayed_teacher_replies_too(tiny_model_dir, tmp_path):
+    """train_local with train.on_policy_replay=0.5: the phase's epochs hold the adapter's own
+    replies and half its teacher replies (train.json counts both), so it takes more steps than
+    without replay on the same data; the plan's token budget counts the replayed tokens."""
+    from fake_synth import train_jobs
+
+    from genpi.config import GenpiConfig
+    from genpi.manifest import PromptEntry
+    from genpi.pipeline.plan import token_budget
+    from genpi.pipeline.records import PromptPlan
+
+    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
+    ops = {}
+    for share in (0.0, 0.5):
+        store = Store(tmp_path / f"store{share}")
+        jobs = train_jobs(store, tok, ["fr1"])
+        cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=2",
+                                 "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_epochs=1",
+                                 "train.on_policy_max_new_tokens=6", f"train.on_policy_replay={share}"])
+        [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
+        assert out.status == "trained", out
+        ops[share] = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
+    assert ops[0.0]["replayed"] == 0 and ops[0.5]["replayed"] >= 1
+    assert ops[0.5]["examples"] == ops[0.0]["examples"]
+    assert ops[0.5]["steps"] > ops[0.0]["steps"]
+    entry = PromptEntry(id="p", prompt="Answer in French.")
+    on = GenpiConfig()
+    mixed = on.with_overrides({"train.on_policy_replay": 0.5})
+    assert token_budget(PromptPlan(entry, mixed, "fp", "new", 30))["trained"] > \
+        token_budget(PromptPlan(entry, on, "fp", "new", 30))["trained"]
+    assert "on_policy_replay" not in on.stage_dict("train") and "on_policy_replay" in mixed.stage_dict("train")
 
 
 def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model_dir, one_rank_group):

@@ -143,6 +143,8 @@ def token_budget(p: PromptPlan) -> dict[str, int]:
         generated += s.n_train_inputs * t.on_policy_max_new_tokens
         prefill += s.n_train_inputs * (p.prompt_tokens + 40 + t.on_policy_max_new_tokens)  # the teacher's scoring
         trained += t.on_policy_epochs * s.n_train_inputs * (40 + t.on_policy_max_new_tokens)
+        # train.on_policy_replay: that share of the teacher replies again, in every phase epoch
+        trained += t.on_policy_epochs * round(t.on_policy_replay * replies) * (40 + s.reply_max_new_tokens)
     return {"generated": generated, "prefill": prefill, "trained": trained}
 
 

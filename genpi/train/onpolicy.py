@@ -10,7 +10,8 @@ student's own samples, scored by the teacher. After a pack's off-policy epochs:
 2. the teacher -- the same frozen base, no adapter, the prompt in the system slot -- runs
    one forward over each (prompt, input, student reply) and gives its top-k log-probabilities
    on the student's tokens;
-3. the adapter trains `on_policy_epochs` more epochs on the KL over those rows chosen by
+3. the adapter trains `on_policy_epochs` more epochs on the KL over those rows (and, with
+   train.on_policy_replay, a share of the off-policy teacher replies: :func:`replayed`) chosen by
    train.on_policy_divergence: reverse KL(student || teacher)
    (:func:`genpi.train.losses.topk_reverse_kl`), forward, or their sum (the default since
    2026-12-05: ahead of reverse alone on the French example), on the same optimizer
@@ -26,6 +27,7 @@ off-policy epochs only; the on-policy epochs always run to the end.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter
 from typing import Sequence
@@ -35,7 +37,7 @@ import torch
 from genpi.chat import student_messages, teacher_messages
 from genpi.config import TrainConfig
 from genpi.train import precision
-from genpi.train.data import ExampleTooLong, encode_chat, end_of_turn_token
+from genpi.train.data import EncodedExample, ExampleTooLong, encode_chat, end_of_turn_token
 from genpi.train.loop import TrainingSet
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,18 @@ def phase_sets(model, pack, tok, prompts: Sequence[str], inputs: Sequence[Sequen
     return sets
 
 
+def replayed(ts: TrainingSet, share: float, seed: int) -> list[tuple[str, EncodedExample]]:
+    """train.on_policy_replay: that share (rounded) of the off-policy teacher-reply examples of
+    `ts` (prompt-generation ones excluded: the phase trains no hard labels), a fixed draw seeded
+    per adapter, so every rank and a rerun replay the same ones. They carry the teacher's top-k
+    on the teacher's own tokens: the prefixes the evaluation's KL is scored on."""
+    teacher = [ex for ex in ts.examples if ex[0] == "sft" and ex[1].kl_ids is not None]
+    n = round(share * len(teacher))
+    if n <= 0:
+        return []
+    return [teacher[i] for i in sorted(random.Random(f"genpi-replay:{seed}").sample(range(len(teacher)), n))]
+
+
 def phase_config(cfg: TrainConfig) -> TrainConfig:
     """The phase's training settings: KL only (the student's own tokens are no SFT target),
     its epochs and learning rate, no validation or early stopping."""
@@ -189,6 +203,9 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
     sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
                       seeds=[cfg.seed * 7919 + 17 + 1_000_003 * m.seed for m in members])
     made = time.time() - t0
+    replay = [replayed(m.ts, cfg.on_policy_replay, cfg.seed * 7919 + m.seed) for m in members]
+    for ts, extra in zip(sets, replay):
+        ts.examples.extend(extra)
     phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
     offset = list(prior.step) if prior is not None else None
     prog = train_pack(model, pack, phase_members, phase_config(cfg), pad_id, optimizer=optimizer, engine=engine,
@@ -196,7 +213,8 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
                       divergence=cfg.on_policy_divergence, step_offset=offset)
     for i, (m, ts) in enumerate(zip(members, sets)):
         m.ts.phase_info["on_policy"] = {
-            "epochs": cfg.on_policy_epochs, "examples": len(ts.examples), "dropped": dict(Counter(ts.dropped)),
+            "epochs": cfg.on_policy_epochs, "examples": len(ts.examples) - len(replay[i]), "replayed": len(replay[i]),
+            "dropped": dict(Counter(ts.dropped)),
             "steps": prog.step[i], "epoch_losses": prog.epoch_losses[i],
             "sample_and_score_seconds": round(made, 2), "train_seconds": round(prog.seconds, 2)}
     log.info("on-policy phase: %d replies sampled and scored in %.0f s, %d steps in %.0f s",
