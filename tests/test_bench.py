@@ -342,3 +342,50 @@ def test_scale_bench_quick_end_to_end(tmp_path, tiny_model_dir):
                                                      "first_published_share"]
     assert all(t["at_n"] == 20 and t["pass"] in (True, False) for t in res["targets"])
     assert "| 20 | 1 | 0 |" in proc.stdout and "Targets: " in proc.stdout
+
+
+def test_kl_positions_splits_the_evaluations_kl_by_reply_position(tiny_model_dir, tiny_config, single_thread_torch):
+    """bench/kl_positions.py: its bins add up to the evaluation's own KL (genpi.eval.run._kl on
+    the same teacher replies), for the base and the adapter, and its total ratio is eval.json's."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genpi.chat import student_messages, teacher_messages
+    from genpi.engines.base import ChatRequest
+    from genpi.engines.hf import HFEngine
+    from genpi.eval.metrics import internalization_ratio
+    from genpi.eval.run import _kl
+    from genpi.train.loop import lora_config
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        kl_positions = importlib.import_module("kl_positions")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    peft_model = get_peft_model(model, lora_config(tiny_config.train), adapter_name="a")
+    torch.manual_seed(0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    prompt, inputs = "You are a pirate. Always say Arr.", ["hello there", "what is rain?", "tell me a story"]
+    engine = HFEngine.for_model(peft_model, tok, tiny_config)
+    with peft_model.disable_adapter():
+        replies = sorted(engine.generate([ChatRequest(teacher_messages(prompt, x), 40, tag=i)
+                                          for i, x in enumerate(inputs)]), key=lambda c: c.tag)
+    res = kl_positions.score(peft_model, tok, prompt, inputs, replies)
+    keep = [i for i, c in enumerate(replies) if c.text.strip()]
+    assert res["n_inputs"] == len(keep) >= 2
+
+    def conv(msgs, c):
+        return [*msgs, {"role": "assistant", "content": c.text, "token_ids": c.token_ids}]
+    n_tok, base, adapters = _kl(peft_model, tok, [conv(teacher_messages(prompt, inputs[i]), replies[i]) for i in keep],
+                                [conv(student_messages(inputs[i]), replies[i]) for i in keep], ["a"], 16)
+    total = res["total"]
+    assert total["tokens"] == n_tok == sum(r["tokens"] for r in res["by_position"])
+    assert len(res["by_position"]) >= 2  # replies long enough to fill more than one bin
+    assert total["base"] / n_tok == pytest.approx(base, rel=1e-4)
+    assert total["adapter"] / n_tok == pytest.approx(adapters["a"], rel=1e-4)
+    assert total["ratio"] == pytest.approx(internalization_ratio(adapters["a"], base, 0.0), rel=1e-4)
+    assert "| all |" in kl_positions.table(res)
