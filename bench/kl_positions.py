@@ -65,16 +65,19 @@ def measure(prompt_id: str, adapter: str, inputs: list[str], model: str = "embed
         peft_model.unload()
 
 
-def score(peft_model, tok, prompt: str, inputs: list[str], replies: list) -> dict:
+def score(peft_model, tok, prompt: str, inputs: list[str], replies: list, top_k: int = 100) -> dict:
     """KL(teacher || base) and KL(teacher || adapter "a" of peft_model), summed per bin of reply
     positions and per input, on each input's teacher reply (a Completion); empty replies are
-    skipped, as the evaluation skips them."""
+    skipped, as the evaluation skips them. `adapter_topk`: the adapter's KL over the teacher's
+    top_k and one tail bucket (the training's measure, engine.top_k_logprobs): what is left of
+    the full KL beyond it is the part no fit of the training's targets can remove."""
     from genpi.chat import student_messages, teacher_messages
     from genpi.eval.metrics import internalization_ratio
     from genpi.eval.run import _reply_logprobs
 
     bins = {b: {"tokens": 0, "base": 0.0, "adapter": 0.0} for b in BINS}
     per_input = []
+    tail_mass = adapter_topk = 0.0
     for x, c in zip(inputs, replies):
         if not c.text.strip():
             continue
@@ -88,6 +91,15 @@ def score(peft_model, tok, prompt: str, inputs: list[str], replies: list) -> dic
         p = lp_t.exp()
         # Per reply token; eval's _kl_sum is the sum of these over every token.
         kb, ka = (p * (lp_t - lp_b)).sum(-1), (p * (lp_t - lp_a)).sum(-1)
+        # The same KL as training sees it: the teacher's top-k plus one bucket for the rest
+        # (genpi.train.losses.topk_kl); by coarse-graining it is at most the full KL.
+        v, ids = lp_t.topk(top_k, dim=-1)
+        lq = lp_a.gather(-1, ids)
+        p_tail = (1 - v.exp().sum(-1)).clamp_min(1e-12)
+        q_tail = (1 - lq.exp().sum(-1)).clamp_min(1e-12)
+        coarse = (v.exp() * (v - lq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+        tail_mass += float(p_tail.sum())
+        adapter_topk += float(coarse.sum())
         for lo, hi in BINS:
             b = bins[(lo, hi)]
             b["tokens"] += len(kb[lo:hi])
@@ -103,6 +115,8 @@ def score(peft_model, tok, prompt: str, inputs: list[str], replies: list) -> dic
     tb, ta = sum(r["base"] for r in rows), sum(r["adapter"] for r in rows)
     return {"n_inputs": len(per_input), "by_position": rows,
             "total": {"tokens": sum(r["tokens"] for r in rows), "base": tb, "adapter": ta, "ratio": ratio(ta, tb)},
+            "top_k": top_k, "adapter_topk": adapter_topk, "ratio_topk": ratio(adapter_topk, tb),
+            "teacher_tail_mass": tail_mass / max(1, sum(r["tokens"] for r in rows)),
             "by_input": sorted(per_input, key=lambda r: -r["adapter"])}
 
 
@@ -114,6 +128,9 @@ def table(res: dict) -> str:
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(f"| {r['positions']} | {r['tokens']} | {r['base']:.1f} | {r['adapter']:.1f} | "
                      f"{ratio} | {r['adapter'] / total:.0%} |")
+    lines.append(f"\nThe adapter's KL over the teacher's top-{res['top_k']} plus a tail bucket (what training "
+                 f"matches): {res['adapter_topk']:.1f} of {res['total']['adapter']:.1f}; the teacher's mass beyond "
+                 f"its top-{res['top_k']}: {res['teacher_tail_mass']:.3f} per token.")
     return "\n".join(lines)
 
 

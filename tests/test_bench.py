@@ -389,3 +389,8 @@ def test_kl_positions_splits_the_evaluations_kl_by_reply_position(tiny_model_dir
     assert total["adapter"] / n_tok == pytest.approx(adapters["a"], rel=1e-4)
     assert total["ratio"] == pytest.approx(internalization_ratio(adapters["a"], base, 0.0), rel=1e-4)
     assert "| all |" in kl_positions.table(res)
+    # The training's coarse-grained KL (top-k + a tail bucket) is at most the full KL, equal
+    # to it when the top-k is the whole vocabulary.
+    assert 0 < res["adapter_topk"] <= total["adapter"] * (1 + 1e-5) and 0 < res["teacher_tail_mass"] < 1
+    full = kl_positions.score(peft_model, tok, prompt, inputs, replies, top_k=len(tok))
+    assert full["adapter_topk"] == pytest.approx(total["adapter"], rel=1e-3)
