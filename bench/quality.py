@@ -162,6 +162,10 @@ def settings() -> dict[str, dict]:
         # of those on its own training inputs at a KL ratio of 0.41 (0.86 on the first 16).
         "onmix": {"label": "joint, 3 on-policy epochs + half the teacher replies replayed",
                   "overrides": {**joint, "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
+        # Both: rank 64 and half the teacher replies replayed in 3 phase epochs.
+        "r64mix": {"label": "joint, LoRA rank 64, 3 on-policy epochs + half the teacher replies replayed",
+                   "overrides": {**joint, "train.lora_r": 64, "train.lora_alpha": 128,
+                                 "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }
