@@ -166,6 +166,13 @@ def settings() -> dict[str, dict]:
         "r64mix": {"label": "joint, LoRA rank 64, 3 on-policy epochs + half the teacher replies replayed",
                    "overrides": {**joint, "train.lora_r": 64, "train.lora_alpha": 128,
                                  "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
+        # The phase's 5 epochs on replies sampled afresh: in 2 rounds (3 + 2 epochs) and in 5
+        # (every epoch on the adapter's current replies, as GKD and OPCD sample), one sampling
+        # and scoring pass (~75 s on French at full size) per round.
+        "onround2": {"label": "joint, the on-policy phase in 2 rounds of fresh replies",
+                     "overrides": {**joint, "train.on_policy_rounds": 2}},
+        "onround5": {"label": "joint, the on-policy phase in 5 rounds of fresh replies",
+                     "overrides": {**joint, "train.on_policy_rounds": 5}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }

@@ -194,6 +194,11 @@ class TrainConfig(_Strict):
     # evaluation's KL is scored on the teacher's greedy replies; the phase alone trains on the
     # student's prefixes only. 0 = off.
     on_policy_replay: float = Field(default=0.0, ge=0, le=1)
+    # The phase's epochs split into this many rounds, each on replies sampled afresh from the
+    # adapter as it stands (GKD and OPCD sample from the current student at every step; one
+    # round samples once, after the off-policy epochs, and trains every phase epoch on those).
+    # Each round costs one more sampling and scoring pass. 1 = sample once.
+    on_policy_rounds: int = Field(default=1, gt=0)
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
@@ -223,6 +228,13 @@ class TrainConfig(_Strict):
     def _some_loss(self) -> "TrainConfig":
         if self.w_sft == 0 and self.w_kl == 0 and (self.w_pg == 0 or self.pg_target == "off"):
             raise ValueError("all loss weights are zero: set w_sft, w_kl or w_pg above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_fit(self) -> "TrainConfig":
+        if self.on_policy_epochs and self.on_policy_rounds > self.on_policy_epochs:
+            raise ValueError(f"on_policy_rounds ({self.on_policy_rounds}) exceeds on_policy_epochs "
+                             f"({self.on_policy_epochs}): every round trains at least one epoch")
         return self
 
 
@@ -284,12 +296,13 @@ class GenpiConfig(_Strict):
 # serve.* never enter a fingerprint at all.)
 HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
 ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr", "on_policy_divergence",
-                      "on_policy_replay")
+                      "on_policy_replay", "on_policy_rounds")
 # Settings added later, with the default that reproduces what came before them.
 ADDED_LATER = {"eval": {"human_max_inputs": 20, "plain_text_max_tokens": 2048},
                "train": {"val_inputs": 0, "autocast": "off", "on_policy_epochs": 0, "on_policy_max_new_tokens": 64,
                          "on_policy_temperature": 1.0, "on_policy_lr": None, "kl_min_dependence": 0.0,
-                         "on_policy_divergence": "reverse", "on_policy_replay": 0.0},
+                         "on_policy_divergence": "reverse", "on_policy_replay": 0.0,
+                         "on_policy_rounds": 1},
                "synth": {"seed_topics": 0, "section_inputs": 0, "generic_share": 0.0}}
 
 

@@ -16,7 +16,7 @@ from genpi.train.losses import topk_both_kl, topk_kl, topk_reverse_kl
 from genpi.train.data import EncodedExample
 from genpi.train.loop import TrainingSet
 from genpi.train.multilora import PackedLora
-from genpi.train.onpolicy import TOP_K, replayed, run_phase, sample_replies
+from genpi.train.onpolicy import TOP_K, replayed, round_epochs, run_phase, sample_replies
 from genpi.train.packed import PackedAdamW, PackMember
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -249,6 +249,62 @@ def test_the_phase_trains_on_the_replayed_teacher_replies_too(tiny_model_dir, tm
     assert token_budget(PromptPlan(entry, mixed, "fp", "new", 30))["trained"] > \
         token_budget(PromptPlan(entry, on, "fp", "new", 30))["trained"]
     assert "on_policy_replay" not in on.stage_dict("train") and "on_policy_replay" in mixed.stage_dict("train")
+
+
+def test_rounds_split_the_phase_epochs_and_must_fit_them():
+    """train.on_policy_rounds: the phase's epochs in that many rounds, the earlier ones longer;
+    more rounds than epochs is refused, naming both fields, unless the phase is off."""
+    from pydantic import ValidationError
+
+    from genpi.config import GenpiConfig
+
+    assert round_epochs(TrainConfig(on_policy_epochs=5)) == [5]
+    assert round_epochs(TrainConfig(on_policy_epochs=5, on_policy_rounds=2)) == [3, 2]
+    assert round_epochs(TrainConfig(on_policy_epochs=3, on_policy_rounds=3)) == [1, 1, 1]
+    with pytest.raises(ValidationError, match="on_policy_rounds .3. exceeds on_policy_epochs .2."):
+        TrainConfig(on_policy_epochs=2, on_policy_rounds=3)
+    assert TrainConfig(on_policy_epochs=0, on_policy_rounds=3).on_policy_rounds == 3
+    d = GenpiConfig()
+    assert "on_policy_rounds" not in d.stage_dict("train")  # 1: the fingerprints of stored adapters stay
+    assert d.with_overrides({"train.on_policy_rounds": 2}).stage_dict("train")["on_policy_rounds"] == 2
+
+
+def test_each_round_trains_on_replies_sampled_afresh(tiny_model_dir, tmp_path):
+    """train_local with 2 phase epochs in 2 rounds: each round samples a reply per training
+    input from the adapter as it stands (twice the replies of one round, from a new random
+    stream), so the adapter differs from the one-round one on the same data; train.json
+    counts the rounds, and the plan's token budget counts the second sampling pass."""
+    from fake_synth import train_jobs
+    from safetensors.torch import load_file
+
+    from genpi.config import GenpiConfig
+    from genpi.manifest import PromptEntry
+    from genpi.pipeline.plan import token_budget
+    from genpi.pipeline.records import PromptPlan
+
+    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
+    ops, weights = {}, {}
+    for rounds in (1, 2):
+        store = Store(tmp_path / f"store{rounds}")
+        jobs = train_jobs(store, tok, ["fr1"])
+        cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=2",
+                                 "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_epochs=2",
+                                 "train.on_policy_max_new_tokens=6", f"train.on_policy_rounds={rounds}"])
+        [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
+        assert out.status == "trained", out
+        ops[rounds] = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
+        weights[rounds] = load_file(f"{jobs[0].pdir}/adapter/adapter_model.safetensors")
+    n_inputs = ops[1]["examples"] + sum(ops[1]["dropped"].values())
+    assert n_inputs >= 2
+    assert (ops[1]["rounds"], ops[2]["rounds"]) == (1, 2)
+    assert ops[2]["examples"] + sum(ops[2]["dropped"].values()) == 2 * n_inputs
+    assert len(ops[1]["epoch_losses"]) == len(ops[2]["epoch_losses"]) == 2
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+    entry = PromptEntry(id="p", prompt="Answer in French.")
+    on = GenpiConfig()
+    two = on.with_overrides({"train.on_policy_rounds": 2})
+    assert token_budget(PromptPlan(entry, two, "fp", "new", 30))["generated"] > \
+        token_budget(PromptPlan(entry, on, "fp", "new", 30))["generated"]
 
 
 def test_the_phase_runs_on_the_deepspeed_engine_of_a_ray_train_worker(tiny_model_dir, one_rank_group):

@@ -139,9 +139,10 @@ def token_budget(p: PromptPlan) -> dict[str, int]:
                  + n_pg * s.reason_max_new_tokens + turns * (s.env_max_new_tokens + s.reply_max_new_tokens))
     prefill = (inputs_calls + replies + 2 * turns) * (p.prompt_tokens + 40)
     trained = t.epochs * (replies * (40 + s.reply_max_new_tokens) + n_pg * (p.prompt_tokens + 3 * s.reply_max_new_tokens))
-    if t.on_policy_epochs:  # the adapter's own replies: sampled once, trained on each phase epoch
-        generated += s.n_train_inputs * t.on_policy_max_new_tokens
-        prefill += s.n_train_inputs * (p.prompt_tokens + 40 + t.on_policy_max_new_tokens)  # the teacher's scoring
+    if t.on_policy_epochs:  # the adapter's own replies: sampled once per round, trained on each phase epoch
+        generated += t.on_policy_rounds * s.n_train_inputs * t.on_policy_max_new_tokens
+        # the teacher's scoring
+        prefill += t.on_policy_rounds * s.n_train_inputs * (p.prompt_tokens + 40 + t.on_policy_max_new_tokens)
         trained += t.on_policy_epochs * s.n_train_inputs * (40 + t.on_policy_max_new_tokens)
         # train.on_policy_replay: that share of the teacher replies again, in every phase epoch
         trained += t.on_policy_epochs * round(t.on_policy_replay * replies) * (40 + s.reply_max_new_tokens)

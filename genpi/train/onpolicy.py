@@ -15,7 +15,9 @@ student's own samples, scored by the teacher. After a pack's off-policy epochs:
    train.on_policy_divergence: reverse KL(student || teacher)
    (:func:`genpi.train.losses.topk_reverse_kl`), forward, or their sum (the default since
    2026-12-05: ahead of reverse alone on the French example), on the same optimizer
-   (its AdamW moments and step count go on), with its own warm-up and cosine schedule.
+   (its AdamW moments and step count go on), with its own warm-up and cosine schedule;
+4. with train.on_policy_rounds above 1, steps 1-3 repeat: the phase's epochs are split into
+   rounds, each on replies sampled afresh from the adapter as the last round left it.
 
 Both sides share the training process's model, so no engine, store round trip or second
 copy of the base is needed. Every rank of a data-parallel pack samples the same replies
@@ -180,43 +182,68 @@ def replayed(ts: TrainingSet, share: float, seed: int) -> list[tuple[str, Encode
     return [teacher[i] for i in sorted(random.Random(f"genpi-replay:{seed}").sample(range(len(teacher)), n))]
 
 
-def phase_config(cfg: TrainConfig) -> TrainConfig:
-    """The phase's training settings: KL only (the student's own tokens are no SFT target),
-    its epochs and learning rate, no validation or early stopping."""
-    return cfg.model_copy(update={"epochs": cfg.on_policy_epochs, "w_sft": 0.0, "w_pg": 0.0, "w_kl": 1.0,
+def phase_config(cfg: TrainConfig, epochs: int | None = None) -> TrainConfig:
+    """The phase's training settings (one round's `epochs`; default all of the phase's): KL
+    only (the student's own tokens are no SFT target), its learning rate, no validation or
+    early stopping."""
+    return cfg.model_copy(update={"epochs": epochs or cfg.on_policy_epochs, "w_sft": 0.0, "w_pg": 0.0, "w_kl": 1.0,
                                   "lr": cfg.on_policy_lr or cfg.lr, "val_inputs": 0, "early_stop_patience": None,
                                   # the student's own replies: every one is scored, none dropped
                                   "kl_min_dependence": 0.0})
+
+
+def round_epochs(cfg: TrainConfig) -> list[int]:
+    """train.on_policy_rounds: the phase's epochs per round, the earlier rounds one more where
+    they do not divide evenly (5 epochs in 2 rounds: 3 + 2)."""
+    rounds = min(cfg.on_policy_rounds, cfg.on_policy_epochs)
+    return [cfg.on_policy_epochs // rounds + (r < cfg.on_policy_epochs % rounds) for r in range(rounds)]
 
 
 def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfig, pad_id: int, device, *,
               optimizer=None, engine=None, rank: int = 0, world: int = 1, micro_batch: int | None = None,
               prior=None, on_step=None):
     """The on-policy phase for a pack whose off-policy phase ended with progress `prior`;
-    returns the phase's PackProgress (None when train.on_policy_epochs is 0). Each member's
-    train.json gets an `on_policy` entry (examples, dropped, epoch losses, seconds)."""
+    returns the last round's PackProgress (None when train.on_policy_epochs is 0). Each round
+    (train.on_policy_rounds) samples fresh replies from the adapters as they stand and trains
+    its share of the epochs on them, with its own warm-up and cosine schedule on the same
+    optimizer. Each member's train.json gets an `on_policy` entry (examples, dropped, epoch
+    losses, seconds, summed over the rounds)."""
     from genpi.train.packed import PackMember, train_pack
 
     if cfg.on_policy_epochs <= 0:
         return None
-    t0 = time.time()
-    sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
-                      seeds=[cfg.seed * 7919 + 17 + 1_000_003 * m.seed for m in members])
-    made = time.time() - t0
     replay = [replayed(m.ts, cfg.on_policy_replay, cfg.seed * 7919 + m.seed) for m in members]
-    for ts, extra in zip(sets, replay):
-        ts.examples.extend(extra)
-    phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
-    offset = list(prior.step) if prior is not None else None
-    prog = train_pack(model, pack, phase_members, phase_config(cfg), pad_id, optimizer=optimizer, engine=engine,
-                      rank=rank, world=world, micro_batch=micro_batch, on_step=on_step,
-                      divergence=cfg.on_policy_divergence, step_offset=offset)
-    for i, (m, ts) in enumerate(zip(members, sets)):
-        m.ts.phase_info["on_policy"] = {
-            "epochs": cfg.on_policy_epochs, "examples": len(ts.examples) - len(replay[i]), "replayed": len(replay[i]),
-            "dropped": dict(Counter(ts.dropped)),
-            "steps": prog.step[i], "epoch_losses": prog.epoch_losses[i],
-            "sample_and_score_seconds": round(made, 2), "train_seconds": round(prog.seconds, 2)}
-    log.info("on-policy phase: %d replies sampled and scored in %.0f s, %d steps in %.0f s",
-             sum(len(ts.examples) for ts in sets), made, prog.pack_steps, prog.seconds)
+    offset = list(prior.step) if prior is not None else [0] * len(members)
+    info = [{"epochs": cfg.on_policy_epochs, "rounds": 0, "examples": 0, "replayed": len(r), "dropped": Counter(),
+             "steps": 0, "epoch_losses": [], "sample_and_score_seconds": 0.0, "train_seconds": 0.0} for r in replay]
+    prog = None
+    for r, epochs in enumerate(round_epochs(cfg)):
+        t0 = time.time()
+        # Round 0's streams are the ones a single round always used: rounds=1 trains the same adapter.
+        sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
+                          seeds=[cfg.seed * 7919 + 17 + 1_000_003 * m.seed + 7_777_777 * r for m in members])
+        made = time.time() - t0
+        own = [len(ts.examples) for ts in sets]
+        for ts, extra in zip(sets, replay):
+            ts.examples.extend(extra)
+        phase_members = [PackMember(m.key, ts, seed=m.seed) for m, ts in zip(members, sets)]
+        prog = train_pack(model, pack, phase_members, phase_config(cfg, epochs), pad_id, optimizer=optimizer,
+                          engine=engine, rank=rank, world=world, micro_batch=micro_batch, on_step=on_step,
+                          divergence=cfg.on_policy_divergence, step_offset=offset)
+        offset = [o + s for o, s in zip(offset, prog.step)]
+        for i, ts in enumerate(sets):
+            d = info[i]
+            d["rounds"] += 1
+            d["examples"] += own[i]
+            d["dropped"].update(ts.dropped)
+            d["steps"] += prog.step[i]
+            d["epoch_losses"] += prog.epoch_losses[i]
+            d["sample_and_score_seconds"] += made
+            d["train_seconds"] += prog.seconds
+        log.info("on-policy phase, round %d/%d: %d replies sampled and scored in %.0f s, %d steps in %.0f s",
+                 r + 1, len(round_epochs(cfg)), sum(own), made, prog.pack_steps, prog.seconds)
+    for m, d in zip(members, info):
+        m.ts.phase_info["on_policy"] = {**d, "dropped": dict(d["dropped"]),
+                                        "sample_and_score_seconds": round(d["sample_and_score_seconds"], 2),
+                                        "train_seconds": round(d["train_seconds"], 2)}
     return prog
