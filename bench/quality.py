@@ -162,6 +162,9 @@ def settings() -> dict[str, dict]:
         # of those on its own training inputs at a KL ratio of 0.41 (0.86 on the first 16).
         "onmix": {"label": "joint, 3 on-policy epochs + half the teacher replies replayed",
                   "overrides": {**joint, "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
+        # The off-policy lr (train.lr, 2e-3 by default) halved: rank 64 at the same lr (whose
+        # Adam steps move 4x the parameters at the same alpha/r scale) fell far behind on French.
+        "offlr1": {"label": "joint, off-policy lr 1e-3", "overrides": {**joint, "train.lr": 1e-3}},
         # Both: rank 64 and half the teacher replies replayed in 3 phase epochs.
         "r64mix": {"label": "joint, LoRA rank 64, 3 on-policy epochs + half the teacher replies replayed",
                    "overrides": {**joint, "train.lora_r": 64, "train.lora_alpha": 128,
