@@ -165,6 +165,10 @@ def settings() -> dict[str, dict]:
         # The off-policy lr (train.lr, 2e-3 by default) halved: rank 64 at the same lr (whose
         # Adam steps move 4x the parameters at the same alpha/r scale) fell far behind on French.
         "offlr1": {"label": "joint, off-policy lr 1e-3", "overrides": {**joint, "train.lr": 1e-3}},
+        "offlr05": {"label": "joint, off-policy lr 5e-4", "overrides": {**joint, "train.lr": 5e-4}},
+        "offlr1mix": {"label": "joint, off-policy lr 1e-3, 3 on-policy epochs + half the teacher replies replayed",
+                      "overrides": {**joint, "train.lr": 1e-3, "train.on_policy_epochs": 3,
+                                    "train.on_policy_replay": 0.5}},
         # Both: rank 64 and half the teacher replies replayed in 3 phase epochs.
         "r64mix": {"label": "joint, LoRA rank 64, 3 on-policy epochs + half the teacher replies replayed",
                    "overrides": {**joint, "train.lora_r": 64, "train.lora_alpha": 128,
