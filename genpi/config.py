@@ -188,16 +188,12 @@ class TrainConfig(_Strict):
     # their sum ("both", the default since 2026-12-05). bench/quality.py's onfwd and onboth
     # settings measure them.
     on_policy_divergence: Literal["reverse", "forward", "both"] = "both"
-    # Share of the off-policy epochs' teacher-reply examples (not the prompt-generation ones)
-    # trained again in every on-policy epoch, beside the adapter's own replies, on the same
-    # divergence (GKD mixes the teacher's and the student's sequences the same way). The
-    # evaluation's KL is scored on the teacher's greedy replies; the phase alone trains on the
-    # student's prefixes only. 0 = off.
+    # Share of the off-policy teacher-reply examples trained again in every on-policy epoch,
+    # beside the adapter's own replies (GKD mixes both): the evaluation's KL is scored on the
+    # teacher's replies, the phase alone trains on the student's prefixes only. 0 = off.
     on_policy_replay: float = Field(default=0.0, ge=0, le=1)
-    # The phase's epochs split into this many rounds, each on replies sampled afresh from the
-    # adapter as it stands (GKD and OPCD sample from the current student at every step; one
-    # round samples once, after the off-policy epochs, and trains every phase epoch on those).
-    # Each round costs one more sampling and scoring pass. 1 = sample once.
+    # The phase's epochs in this many rounds, each on replies sampled afresh from the adapter as
+    # it stands (GKD and OPCD sample the current student), one sampling pass each. 1 = once.
     on_policy_rounds: int = Field(default=1, gt=0)
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
@@ -225,13 +221,9 @@ class TrainConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _some_loss(self) -> "TrainConfig":
+    def _consistent(self) -> "TrainConfig":
         if self.w_sft == 0 and self.w_kl == 0 and (self.w_pg == 0 or self.pg_target == "off"):
             raise ValueError("all loss weights are zero: set w_sft, w_kl or w_pg above 0")
-        return self
-
-    @model_validator(mode="after")
-    def _rounds_fit(self) -> "TrainConfig":
         if self.on_policy_epochs and self.on_policy_rounds > self.on_policy_epochs:
             raise ValueError(f"on_policy_rounds ({self.on_policy_rounds}) exceeds on_policy_epochs "
                              f"({self.on_policy_epochs}): every round trains at least one epoch")
