@@ -175,7 +175,7 @@ def settings() -> dict[str, dict]:
                                  "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
         # The phase's 5 epochs on replies sampled afresh: in 2 rounds (3 + 2 epochs) and in 5
         # (every epoch on the adapter's current replies, as GKD and OPCD sample), one sampling
-        # and scoring pass (~75 s on French at full size) per round.
+        # and scoring pass (52-55 s on French at full size, 2026-12-05) per round.
         "onround2": {"label": "joint, the on-policy phase in 2 rounds of fresh replies",
                      "overrides": {**joint, "train.on_policy_rounds": 2}},
         "onround5": {"label": "joint, the on-policy phase in 5 rounds of fresh replies",

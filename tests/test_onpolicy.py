@@ -218,28 +218,34 @@ def test_replay_draws_a_fixed_share_of_the_teacher_replies_only():
     assert len(replayed(ts, 1.0, 1)) == 10
 
 
+def _train_one(tiny_model_dir, store_dir, *overrides: str) -> tuple[dict, str]:
+    """train_local of one fake-synthesis prompt on the tiny model (1 off-policy epoch, 6-token
+    phase replies, plus `overrides`): its train.json's `on_policy` entry and its folder."""
+    from fake_synth import train_jobs
+
+    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
+    store = Store(store_dir)
+    jobs = train_jobs(store, tok, ["fr1"])
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=2",
+                             "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_max_new_tokens=6", *overrides])
+    [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
+    assert out.status == "trained", out
+    return store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"], jobs[0].pdir
+
+
 def test_the_phase_trains_on_the_replayed_teacher_replies_too(tiny_model_dir, tmp_path):
     """train_local with train.on_policy_replay=0.5: the phase's epochs hold the adapter's own
     replies and half its teacher replies (train.json counts both), so it takes more steps than
     without replay on the same data; the plan's token budget counts the replayed tokens."""
-    from fake_synth import train_jobs
-
     from genpi.config import GenpiConfig
     from genpi.manifest import PromptEntry
     from genpi.pipeline.plan import token_budget
     from genpi.pipeline.records import PromptPlan
 
-    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
     ops = {}
     for share in (0.0, 0.5):
-        store = Store(tmp_path / f"store{share}")
-        jobs = train_jobs(store, tok, ["fr1"])
-        cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=2",
-                                 "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_epochs=1",
-                                 "train.on_policy_max_new_tokens=6", f"train.on_policy_replay={share}"])
-        [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
-        assert out.status == "trained", out
-        ops[share] = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
+        ops[share], _ = _train_one(tiny_model_dir, tmp_path / f"store{share}", "train.on_policy_epochs=1",
+                                   f"train.on_policy_replay={share}")
     assert ops[0.0]["replayed"] == 0 and ops[0.5]["replayed"] >= 1
     assert ops[0.5]["examples"] == ops[0.0]["examples"]
     assert ops[0.5]["steps"] > ops[0.0]["steps"]
@@ -274,7 +280,6 @@ def test_each_round_trains_on_replies_sampled_afresh(tiny_model_dir, tmp_path):
     input from the adapter as it stands (twice the replies of one round, from a new random
     stream), so the adapter differs from the one-round one on the same data; train.json
     counts the rounds, and the plan's token budget counts the second sampling pass."""
-    from fake_synth import train_jobs
     from safetensors.torch import load_file
 
     from genpi.config import GenpiConfig
@@ -282,18 +287,11 @@ def test_each_round_trains_on_replies_sampled_afresh(tiny_model_dir, tmp_path):
     from genpi.pipeline.plan import token_budget
     from genpi.pipeline.records import PromptPlan
 
-    model, tok, _ = load_model(ModelConfig(name=str(tiny_model_dir)))
     ops, weights = {}, {}
     for rounds in (1, 2):
-        store = Store(tmp_path / f"store{rounds}")
-        jobs = train_jobs(store, tok, ["fr1"])
-        cfg = load_config(None, [f"model.name={tiny_model_dir}", "train.epochs=1", "train.batch_size=2",
-                                 "train.lora_r=4", "train.lora_alpha=8", "train.on_policy_epochs=2",
-                                 "train.on_policy_max_new_tokens=6", f"train.on_policy_rounds={rounds}"])
-        [out] = train_local(cfg, store, jobs, model, tok, str(tiny_model_dir), progress=False)
-        assert out.status == "trained", out
-        ops[rounds] = store.read_json(f"{jobs[0].pdir}/train.json")["on_policy"]
-        weights[rounds] = load_file(f"{jobs[0].pdir}/adapter/adapter_model.safetensors")
+        ops[rounds], pdir = _train_one(tiny_model_dir, tmp_path / f"store{rounds}", "train.on_policy_epochs=2",
+                                       f"train.on_policy_rounds={rounds}")
+        weights[rounds] = load_file(f"{pdir}/adapter/adapter_model.safetensors")
     n_inputs = ops[1]["examples"] + sum(ops[1]["dropped"].values())
     assert n_inputs >= 2
     assert (ops[1]["rounds"], ops[2]["rounds"]) == (1, 2)

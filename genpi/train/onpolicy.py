@@ -216,8 +216,8 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
     offset = list(prior.step) if prior is not None else [0] * len(members)
     info = [{"epochs": cfg.on_policy_epochs, "rounds": 0, "examples": 0, "replayed": len(r), "dropped": Counter(),
              "steps": 0, "epoch_losses": [], "sample_and_score_seconds": 0.0, "train_seconds": 0.0} for r in replay]
-    prog = None
-    for r, epochs in enumerate(round_epochs(cfg)):
+    prog, per_round = None, round_epochs(cfg)
+    for r, epochs in enumerate(per_round):
         t0 = time.time()
         # Round 0's streams are the ones a single round always used: rounds=1 trains the same adapter.
         sets = phase_sets(model, pack, tok, prompts, [m.ts.inputs for m in members], cfg, device,
@@ -241,7 +241,7 @@ def run_phase(model, pack, tok, members, prompts: Sequence[str], cfg: TrainConfi
             d["sample_and_score_seconds"] += made
             d["train_seconds"] += prog.seconds
         log.info("on-policy phase, round %d/%d: %d replies sampled and scored in %.0f s, %d steps in %.0f s",
-                 r + 1, len(round_epochs(cfg)), sum(own), made, prog.pack_steps, prog.seconds)
+                 r + 1, len(per_round), sum(own), made, prog.pack_steps, prog.seconds)
     for m, d in zip(members, info):
         m.ts.phase_info["on_policy"] = {**d, "dropped": dict(d["dropped"]),
                                         "sample_and_score_seconds": round(d["sample_and_score_seconds"], 2),
