@@ -65,6 +65,10 @@ OFF_POLICY = {"train.epochs": 4, "train.on_policy_epochs": 0}
 # 64-token replies): the arms measured against it keep it, so their results stay reproducible.
 PREV_ON = {"train.on_policy_epochs": 3, "train.on_policy_divergence": "reverse",
            "train.on_policy_max_new_tokens": 64}
+# The off-policy lr until 2026-12-06. The arms that measured the default of their day (the
+# published methods, the phase's length and loss) keep it; the option arms (val_kl, generic,
+# onmix, r64, rounds...) are today's default plus their option.
+PREV_LR = {"train.lr": 2e-3}
 
 
 def settings() -> dict[str, dict]:
@@ -75,16 +79,17 @@ def settings() -> dict[str, dict]:
 
     d = TrainConfig()
     joint = {"train.w_sft": d.w_sft, "train.w_pg": d.w_pg, "train.w_kl": d.w_kl}
+    prev = {**joint, **PREV_LR}
     return {
         "joint": {"label": "genpi joint (default)", "overrides": joint},
         # The published methods as published: off-policy epochs only (4, the default before
         # the on-policy phase was), no on-policy phase.
         "sft_pg": {"label": "GenPI SFT+PG (r=0.7)",
-                   "overrides": {"train.w_sft": 0.7, "train.w_pg": 0.3, "train.w_kl": 0.0, **OFF_POLICY}},
+                   "overrides": {"train.w_sft": 0.7, "train.w_pg": 0.3, "train.w_kl": 0.0, **OFF_POLICY, **PREV_LR}},
         "kl_only": {"label": "Prompt Baking KL only",
-                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0, **OFF_POLICY}},
+                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0, **OFF_POLICY, **PREV_LR}},
         # The default until 2026-12-04: the joint loss for 4 epochs, no on-policy phase.
-        "offpolicy": {"label": "joint, 4 epochs, no on-policy phase", "overrides": {**joint, **OFF_POLICY}},
+        "offpolicy": {"label": "joint, 4 epochs, no on-policy phase", "overrides": {**prev, **OFF_POLICY}},
         # 4 of the 16 training inputs held out, the best epoch kept, stop after one without gain.
         "val_kl": {"label": "joint + held-out KL epoch choice",
                    "overrides": {**joint, "train.val_inputs": 4, "train.early_stop_patience": 1}},
@@ -99,34 +104,34 @@ def settings() -> dict[str, dict]:
         # Training time against quality (README command 1's time target), off-policy only, on
         # the same synthesis.
         "epochs3": {"label": "joint, 3 epochs, no on-policy phase",
-                    "overrides": {**joint, **OFF_POLICY, "train.epochs": 3}},
+                    "overrides": {**prev, **OFF_POLICY, "train.epochs": 3}},
         "epochs2": {"label": "joint, 2 epochs, no on-policy phase",
-                    "overrides": {**joint, **OFF_POLICY, "train.epochs": 2}},
+                    "overrides": {**prev, **OFF_POLICY, "train.epochs": 2}},
         # The on-policy phase after 4 off-policy epochs instead of the default's 2.
-        "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**joint, "train.epochs": 4}},
+        "onpolicy": {"label": "joint, 4 epochs + on-policy phase", "overrides": {**prev, "train.epochs": 4}},
         # The on-policy phase's length (the default until 2026-12-05:
         # 2 + 3 epochs at 5e-4, reverse KL on 64-token replies; 5 epochs of both KLs on 96 since).
         "on3": {"label": "joint, 2 + 3 on-policy epochs, reverse KL, 64 tokens (the default until 2026-12-05)",
-                "overrides": {**joint, **PREV_ON}},
+                "overrides": {**prev, **PREV_ON}},
         # 2 on-policy epochs, the default until 2026-12-04 (measured as `sft_low` then).
         "on2": {"label": "joint, 2 epochs + 2 on-policy epochs",
-                "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 2}},
+                "overrides": {**prev, **PREV_ON, "train.on_policy_epochs": 2}},
         # On-policy replies as long as the evaluation's (eval.max_new_tokens 96): at 64 the
         # phase never trains the positions 65-96 that the KL ratio scores.
         "onlen96": {"label": "joint, on-policy replies of 96 tokens",
-                    "overrides": {**joint, **PREV_ON, "train.on_policy_max_new_tokens": 96}},
+                    "overrides": {**prev, **PREV_ON, "train.on_policy_max_new_tokens": 96}},
         # The on-policy phase's divergence: forward KL (the off-policy loss, and what the KL
         # ratio measures) or forward + reverse, against the default's reverse KL.
         "onfwd": {"label": "joint, on-policy forward KL",
-                  "overrides": {**joint, **PREV_ON, "train.on_policy_divergence": "forward"}},
+                  "overrides": {**prev, **PREV_ON, "train.on_policy_divergence": "forward"}},
         "onboth": {"label": "joint, on-policy forward + reverse KL",
-                   "overrides": {**joint, **PREV_ON, "train.on_policy_divergence": "both"}},
+                   "overrides": {**prev, **PREV_ON, "train.on_policy_divergence": "both"}},
         # A longer phase on the same samples, alone and with the two options above (on5_both96:
-        # the default since 2026-12-05).
+        # the default from 2026-12-05 to 2026-12-06, when train.lr fell to 5e-4).
         "on5": {"label": "joint, 2 epochs + 5 on-policy epochs",
-                "overrides": {**joint, **PREV_ON, "train.on_policy_epochs": 5}},
+                "overrides": {**prev, **PREV_ON, "train.on_policy_epochs": 5}},
         "on5_both96": {"label": "joint, 5 on-policy epochs, forward + reverse KL, 96-token replies",
-                       "overrides": {**joint, "train.on_policy_epochs": 5, "train.on_policy_divergence": "both",
+                       "overrides": {**prev, "train.on_policy_epochs": 5, "train.on_policy_divergence": "both",
                                      "train.on_policy_max_new_tokens": 96}},
         # The on-policy lr (default 5e-4): French at full size was flat from 5e-4 to 2e-3 and fell at
         # 4e-3; 1e-3 lost 0.12 on pirate, so the default stayed (README, 2026-12-05).
@@ -137,13 +142,13 @@ def settings() -> dict[str, dict]:
         # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.
         "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
                   "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                **PREV_ON, "train.on_policy_epochs": 2}},
+                                **PREV_ON, **PREV_LR, "train.on_policy_epochs": 2}},
         "kl_on3": {"label": "KL only, 2 epochs + 3 on-policy epochs",
                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                 **PREV_ON}},
+                                 **PREV_ON, **PREV_LR}},
         # The default until 2026-12-04 (SFT weight 0.5), with the on-policy phase.
         "sft05": {"label": "joint at w_sft 0.5 (the default until 2026-12-04)",
-                  "overrides": {**joint, **PREV_ON, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
+                  "overrides": {**prev, **PREV_ON, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
         # Teacher replies the base already gives without the prompt (per-token KL to the base
         # under 0.05 nats) leave the KL term (train.kl_min_dependence; their SFT term stays).
         "dependence": {"label": "joint, prompt-independent replies out of the KL term",
@@ -162,8 +167,9 @@ def settings() -> dict[str, dict]:
         # of those on its own training inputs at a KL ratio of 0.41 (0.86 on the first 16).
         "onmix": {"label": "joint, 3 on-policy epochs + half the teacher replies replayed",
                   "overrides": {**joint, "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
-        # The off-policy lr (train.lr, 2e-3 by default) halved: rank 64 at the same lr (whose
-        # Adam steps move 4x the parameters at the same alpha/r scale) fell far behind on French.
+        # The off-policy lr (train.lr, 2e-3 until 2026-12-06) halved and quartered: rank 64 at 2e-3
+        # (whose Adam steps move 4x the parameters at one alpha/r) fell far behind on French.
+        # offlr05 won on the suite at full size and is the default since (README).
         "offlr1": {"label": "joint, off-policy lr 1e-3", "overrides": {**joint, "train.lr": 1e-3}},
         "offlr05": {"label": "joint, off-policy lr 5e-4", "overrides": {**joint, "train.lr": 5e-4}},
         "offlr1mix": {"label": "joint, off-policy lr 1e-3, 3 on-policy epochs + half the teacher replies replayed",

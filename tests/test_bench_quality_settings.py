@@ -46,14 +46,15 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     # The published methods and the default before the on-policy phase train off-policy only,
     # 4 epochs; the default (joint) and the option arms have the phase.
     off = {"train.epochs": 4, "train.on_policy_epochs": 0}
-    assert s["offpolicy"]["overrides"] == {**s["joint"]["overrides"], **off}
+    assert s["offpolicy"]["overrides"] == {**s["joint"]["overrides"], **quality.PREV_LR, **off}
     for arm in ("sft_pg", "kl_only", "epochs3", "epochs2"):
         assert s[arm]["overrides"]["train.on_policy_epochs"] == 0, arm
     assert s["onpolicy"]["overrides"]["train.epochs"] == 4 and d.on_policy_epochs > 0
     # The loss-weight and phase-length arms differ from the default only in what they measure.
     # Measured against the phase as it was until 2026-12-05 (quality.PREV_ON): each arm keeps
     # what it measured then, so its stored adapters and results stay reproducible.
-    base = load_config(None, []).with_overrides(quality.PREV_ON).train.model_dump()
+    # And the off-policy lr of their day (quality.PREV_LR, 2e-3 until 2026-12-06).
+    base = load_config(None, []).with_overrides({**quality.PREV_ON, **quality.PREV_LR}).train.model_dump()
     diff = {arm: {f"train.{k}": v for k, v in load_config(None, []).with_overrides(s[arm]["overrides"]).train
                   .model_dump().items() if base[k] != v}
             for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3", "onlen96", "onfwd", "onboth", "on5", "on5_both96")}
@@ -65,9 +66,15 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     assert diff["onfwd"] == {"train.on_policy_divergence": "forward"}
     assert diff["onboth"] == {"train.on_policy_divergence": "both"} and diff["on5"] == {"train.on_policy_epochs": 5}
     assert diff["on5_both96"] == {**diff["on5"], **diff["onboth"], **diff["onlen96"]}
-    # ... which is the default since 2026-12-05.
+    # ... which is the default's phase since 2026-12-05, at the off-policy lr of then; offlr05
+    # (5e-4) is the default since 2026-12-06.
     assert (d.on_policy_epochs, d.on_policy_divergence, d.on_policy_max_new_tokens) == (5, "both", 96)
-    assert load_config(None, []).with_overrides(s["on5_both96"]["overrides"]).train == load_config(None, []).train
+    assert load_config(None, []).with_overrides(s["on5_both96"]["overrides"]).train == \
+        load_config(None, []).with_overrides(quality.PREV_LR).train
+    assert load_config(None, []).with_overrides(s["offlr05"]["overrides"]).train == load_config(None, []).train
+    assert d.lr == 5e-4 != quality.PREV_LR["train.lr"]
+    for arm in ("sft_pg", "kl_only", "offpolicy", "epochs3", "epochs2", "onpolicy", "kl_on", "kl_on3"):
+        assert s[arm]["overrides"]["train.lr"] == 2e-3, arm
     # Both new arms are the default plus their option (they measure the option, nothing else).
     assert s["generic"]["overrides"] == {**s["joint"]["overrides"], "synth.generic_share": 0.25}
     for arm in ("val_kl", "diverse"):
