@@ -186,6 +186,12 @@ def settings() -> dict[str, dict]:
                      "overrides": {**joint, "train.on_policy_rounds": 2}},
         "onround5": {"label": "joint, the on-policy phase in 5 rounds of fresh replies",
                      "overrides": {**joint, "train.on_policy_rounds": 5}},
+        # At lr 5e-4 (the default since 2026-12-06) the off-policy epochs move the adapter a quarter
+        # as far per step as at 2e-3: one more epoch (22 steps at full size), and the replay of
+        # `onmix` over the default's full 5 phase epochs.
+        "off3": {"label": "joint, 3 off-policy epochs + the on-policy phase", "overrides": {**joint, "train.epochs": 3}},
+        "onmix5": {"label": "joint, 5 on-policy epochs + half the teacher replies replayed",
+                   "overrides": {**joint, "train.on_policy_replay": 0.5}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }

@@ -77,6 +77,9 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
         assert s[arm]["overrides"]["train.lr"] == 2e-3, arm
     # Both new arms are the default plus their option (they measure the option, nothing else).
     assert s["generic"]["overrides"] == {**s["joint"]["overrides"], "synth.generic_share": 0.25}
+    base = load_config(None, []).train
+    for arm, option in (("off3", {"epochs": 3}), ("onmix5", {"on_policy_replay": 0.5})):
+        assert load_config(None, []).with_overrides(s[arm]["overrides"]).train == base.model_copy(update=option), arm
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
 
