@@ -34,13 +34,11 @@ from genpi.manifest import PromptEntry
 from genpi.train.data import collate, encode_chat
 
 SYSTEMS = ("teacher", "base", "adapter")
-# Until the eval config has fields for them (eval.human_inputs: bool, eval.human_max_inputs):
-# whether every evaluation also runs the human-written set, and on how many of its inputs
-# (None = all). The cap keeps the French example's evaluation within ~2 minutes of what it was
-# on 2 CPU cores (measured: each input costs three greedy replies of eval.max_new_tokens, about
-# 6 s per input for SmolLM2-135M there); the inputs are taken evenly spaced through the file,
-# which lists the English ones first, so a capped set keeps every language group.
-HUMAN_INPUTS = True
+# How many human-written inputs an evaluation scores when no config says (eval.human_max_inputs:
+# 0 = none, None = all). The cap keeps the French example's evaluation within ~2 minutes of what
+# it was on 2 CPU cores (measured: each input costs three greedy replies of eval.max_new_tokens,
+# about 6 s per input for SmolLM2-135M there); the inputs are taken evenly spaced through the
+# file, which lists the English ones first, so a capped set keeps every language group.
 HUMAN_MAX_INPUTS: int | None = 20  # the default of eval.human_max_inputs
 # Plain text is scored in windows of this many tokens (enough context for a perplexity that
 # means something, small enough for one CPU forward), at most eval.plain_text_max_tokens in all.
@@ -54,7 +52,7 @@ KL_BATCH = 16
 
 def default_human_inputs(max_inputs: int | None = HUMAN_MAX_INPUTS) -> list[str]:
     """The human-written user messages the evaluation uses when none are given (None: all)."""
-    if not HUMAN_INPUTS or max_inputs == 0:
+    if max_inputs == 0:
         return []
     texts = [r["text"] for r in human_inputs()]
     if max_inputs is None or max_inputs >= len(texts):
