@@ -69,6 +69,9 @@ PREV_ON = {"train.on_policy_epochs": 3, "train.on_policy_divergence": "reverse",
 # published methods, the phase's length and loss) keep it; the option arms (val_kl, generic,
 # onmix, r64, rounds...) are today's default plus their option.
 PREV_LR = {"train.lr": 2e-3}
+# The on-policy phase without replay (train.on_policy_replay 0 until 2026-12-06): the arms above
+# and the lr arms that measured it keep it.
+PREV_REPLAY = {"train.on_policy_replay": 0.0}
 
 
 def settings() -> dict[str, dict]:
@@ -79,7 +82,7 @@ def settings() -> dict[str, dict]:
 
     d = TrainConfig()
     joint = {"train.w_sft": d.w_sft, "train.w_pg": d.w_pg, "train.w_kl": d.w_kl}
-    prev = {**joint, **PREV_LR}
+    prev = {**joint, **PREV_LR, **PREV_REPLAY}
     return {
         "joint": {"label": "genpi joint (default)", "overrides": joint},
         # The published methods as published: off-policy epochs only (4, the default before
@@ -142,10 +145,10 @@ def settings() -> dict[str, dict]:
         # loss, ahead on KL off-policy), against the default's SFT weight (on2, on3) and the old one.
         "kl_on": {"label": "KL only, 2 epochs + 2 on-policy epochs",
                   "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                **PREV_ON, **PREV_LR, "train.on_policy_epochs": 2}},
+                                **PREV_ON, **PREV_LR, **PREV_REPLAY, "train.on_policy_epochs": 2}},
         "kl_on3": {"label": "KL only, 2 epochs + 3 on-policy epochs",
                    "overrides": {"train.w_sft": 0.0, "train.w_pg": 0.0, "train.w_kl": 1.0,
-                                 **PREV_ON, **PREV_LR}},
+                                 **PREV_ON, **PREV_LR, **PREV_REPLAY}},
         # The default until 2026-12-04 (SFT weight 0.5), with the on-policy phase.
         "sft05": {"label": "joint at w_sft 0.5 (the default until 2026-12-04)",
                   "overrides": {**prev, **PREV_ON, "train.w_sft": 0.5, "train.on_policy_epochs": 2}},
@@ -169,9 +172,11 @@ def settings() -> dict[str, dict]:
                   "overrides": {**joint, "train.on_policy_epochs": 3, "train.on_policy_replay": 0.5}},
         # The off-policy lr (train.lr, 2e-3 until 2026-12-06) halved and quartered: rank 64 at 2e-3
         # (whose Adam steps move 4x the parameters at one alpha/r) fell far behind on French.
-        # offlr05 won on the suite at full size and is the default since (README).
-        "offlr1": {"label": "joint, off-policy lr 1e-3", "overrides": {**joint, "train.lr": 1e-3}},
-        "offlr05": {"label": "joint, off-policy lr 5e-4", "overrides": {**joint, "train.lr": 5e-4}},
+        # offlr05 won on the suite at full size and is the default since (README); both without
+        # the replay, as measured (offlr05: the default until onmix5 below won the same day).
+        "offlr1": {"label": "joint, off-policy lr 1e-3", "overrides": {**joint, "train.lr": 1e-3, **PREV_REPLAY}},
+        "offlr05": {"label": "joint, off-policy lr 5e-4, no replay",
+                    "overrides": {**joint, "train.lr": 5e-4, **PREV_REPLAY}},
         "offlr1mix": {"label": "joint, off-policy lr 1e-3, 3 on-policy epochs + half the teacher replies replayed",
                       "overrides": {**joint, "train.lr": 1e-3, "train.on_policy_epochs": 3,
                                     "train.on_policy_replay": 0.5}},
@@ -186,11 +191,13 @@ def settings() -> dict[str, dict]:
                      "overrides": {**joint, "train.on_policy_rounds": 2}},
         "onround5": {"label": "joint, the on-policy phase in 5 rounds of fresh replies",
                      "overrides": {**joint, "train.on_policy_rounds": 5}},
-        # At lr 5e-4 (the default since 2026-12-06) the off-policy epochs move the adapter a quarter
-        # as far per step as at 2e-3: one more epoch (22 steps at full size), and the replay of
-        # `onmix` over the default's full 5 phase epochs.
-        "off3": {"label": "joint, 3 off-policy epochs + the on-policy phase", "overrides": {**joint, "train.epochs": 3}},
-        "onmix5": {"label": "joint, 5 on-policy epochs + half the teacher replies replayed",
+        # At lr 5e-4 the off-policy epochs move the adapter a quarter as far per step as at 2e-3:
+        # one more epoch (22 steps at full size; measured without replay, against offlr05), and
+        # the replay of `onmix` over the full 5 phase epochs, which won on the suite at full size
+        # and is the default since 2026-12-06 (README).
+        "off3": {"label": "joint, 3 off-policy epochs + the on-policy phase, no replay",
+                 "overrides": {**joint, "train.epochs": 3, **PREV_REPLAY}},
+        "onmix5": {"label": "joint, 5 on-policy epochs + half the teacher replies replayed (default)",
                    "overrides": {**joint, "train.on_policy_replay": 0.5}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},

@@ -190,9 +190,9 @@ class TrainConfig(_Strict):
     # settings measure them.
     on_policy_divergence: Literal["reverse", "forward", "both"] = "both"
     # Share of the off-policy teacher-reply examples trained again in every on-policy epoch,
-    # beside the adapter's own replies (GKD mixes both): the evaluation's KL is scored on the
-    # teacher's replies, the phase alone trains on the student's prefixes only. 0 = off.
-    on_policy_replay: float = Field(default=0.0, ge=0, le=1)
+    # beside the adapter's own replies (GKD mixes both): the phase alone trains on the student's
+    # prefixes only. 0.5 since 2026-12-06 (0 before): ahead on the suite at full size (README).
+    on_policy_replay: float = Field(default=0.5, ge=0, le=1)
     # The phase's epochs in this many rounds, each on replies sampled afresh from the adapter as
     # it stands (GKD and OPCD sample the current student), one sampling pass each. 1 = once.
     on_policy_rounds: int = Field(default=1, gt=0)

@@ -46,15 +46,16 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     # The published methods and the default before the on-policy phase train off-policy only,
     # 4 epochs; the default (joint) and the option arms have the phase.
     off = {"train.epochs": 4, "train.on_policy_epochs": 0}
-    assert s["offpolicy"]["overrides"] == {**s["joint"]["overrides"], **quality.PREV_LR, **off}
+    assert s["offpolicy"]["overrides"] == {**s["joint"]["overrides"], **quality.PREV_LR, **quality.PREV_REPLAY, **off}
     for arm in ("sft_pg", "kl_only", "epochs3", "epochs2"):
         assert s[arm]["overrides"]["train.on_policy_epochs"] == 0, arm
     assert s["onpolicy"]["overrides"]["train.epochs"] == 4 and d.on_policy_epochs > 0
     # The loss-weight and phase-length arms differ from the default only in what they measure.
     # Measured against the phase as it was until 2026-12-05 (quality.PREV_ON): each arm keeps
     # what it measured then, so its stored adapters and results stay reproducible.
-    # And the off-policy lr of their day (quality.PREV_LR, 2e-3 until 2026-12-06).
-    base = load_config(None, []).with_overrides({**quality.PREV_ON, **quality.PREV_LR}).train.model_dump()
+    # And the off-policy lr of their day (quality.PREV_LR, 2e-3 until 2026-12-06), no replay.
+    base = load_config(None, []).with_overrides({**quality.PREV_ON, **quality.PREV_LR,
+                                                 **quality.PREV_REPLAY}).train.model_dump()
     diff = {arm: {f"train.{k}": v for k, v in load_config(None, []).with_overrides(s[arm]["overrides"]).train
                   .model_dump().items() if base[k] != v}
             for arm in ("on2", "on3", "sft05", "kl_on", "kl_on3", "onlen96", "onfwd", "onboth", "on5", "on5_both96")}
@@ -70,16 +71,20 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     # (5e-4) is the default since 2026-12-06.
     assert (d.on_policy_epochs, d.on_policy_divergence, d.on_policy_max_new_tokens) == (5, "both", 96)
     assert load_config(None, []).with_overrides(s["on5_both96"]["overrides"]).train == \
-        load_config(None, []).with_overrides(quality.PREV_LR).train
-    assert load_config(None, []).with_overrides(s["offlr05"]["overrides"]).train == load_config(None, []).train
+        load_config(None, []).with_overrides({**quality.PREV_LR, **quality.PREV_REPLAY}).train
+    # offlr05 (5e-4) was the default on 2026-12-06 until onmix5 (the replay) won the same day.
+    assert load_config(None, []).with_overrides(s["offlr05"]["overrides"]).train == \
+        load_config(None, []).with_overrides(quality.PREV_REPLAY).train
+    assert load_config(None, []).with_overrides(s["onmix5"]["overrides"]).train == load_config(None, []).train
+    assert d.on_policy_replay == 0.5 != quality.PREV_REPLAY["train.on_policy_replay"]
     assert d.lr == 5e-4 != quality.PREV_LR["train.lr"]
     for arm in ("sft_pg", "kl_only", "offpolicy", "epochs3", "epochs2", "onpolicy", "kl_on", "kl_on3"):
         assert s[arm]["overrides"]["train.lr"] == 2e-3, arm
     # Both new arms are the default plus their option (they measure the option, nothing else).
     assert s["generic"]["overrides"] == {**s["joint"]["overrides"], "synth.generic_share": 0.25}
     base = load_config(None, []).train
-    for arm, option in (("off3", {"epochs": 3}), ("onmix5", {"on_policy_replay": 0.5})):
-        assert load_config(None, []).with_overrides(s[arm]["overrides"]).train == base.model_copy(update=option), arm
+    assert load_config(None, []).with_overrides(s["off3"]["overrides"]).train == \
+        base.model_copy(update={"epochs": 3, "on_policy_replay": 0.0})
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
 

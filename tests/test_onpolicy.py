@@ -250,8 +250,9 @@ def test_the_phase_trains_on_the_replayed_teacher_replies_too(tiny_model_dir, tm
     assert ops[0.5]["examples"] == ops[0.0]["examples"]
     assert ops[0.5]["steps"] > ops[0.0]["steps"]
     entry = PromptEntry(id="p", prompt="Answer in French.")
-    on = GenpiConfig()
-    mixed = on.with_overrides({"train.on_policy_replay": 0.5})
+    on = GenpiConfig().with_overrides({"train.on_policy_replay": 0.0})
+    mixed = GenpiConfig()  # the default replays half (since 2026-12-06)
+    assert mixed.train.on_policy_replay == 0.5
     assert token_budget(PromptPlan(entry, mixed, "fp", "new", 30))["trained"] > \
         token_budget(PromptPlan(entry, on, "fp", "new", 30))["trained"]
     assert "on_policy_replay" not in on.stage_dict("train") and "on_policy_replay" in mixed.stage_dict("train")
@@ -361,7 +362,9 @@ def test_the_plans_token_budget_counts_the_phase():
     from genpi.pipeline.records import PromptPlan
 
     entry = PromptEntry(id="p", prompt="Answer in French.")
-    on, off = GenpiConfig(), GenpiConfig.model_validate({"train": {"on_policy_epochs": 0}})
+    # Without the replay (its tokens: test_the_phase_trains_on_the_replayed_teacher_replies_too).
+    on = GenpiConfig.model_validate({"train": {"on_policy_replay": 0.0}})
+    off = GenpiConfig.model_validate({"train": {"on_policy_epochs": 0}})
     b_on, b_off = (token_budget(PromptPlan(entry, c, "fp", "new", 30)) for c in (on, off))
     n, t = on.synth.n_train_inputs, on.train
     assert b_on["generated"] - b_off["generated"] == n * t.on_policy_max_new_tokens
