@@ -85,6 +85,9 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     base = load_config(None, []).train
     assert load_config(None, []).with_overrides(s["off3"]["overrides"]).train == \
         base.model_copy(update={"epochs": 3, "on_policy_replay": 0.0})
+    assert load_config(None, []).with_overrides(s["lr2mix"]["overrides"]).train == base.model_copy(update={"lr": 2e-3})
+    assert load_config(None, []).with_overrides(s["onmix8"]["overrides"]).train == \
+        base.model_copy(update={"on_policy_epochs": 8})
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
 
