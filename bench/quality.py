@@ -204,6 +204,10 @@ def settings() -> dict[str, dict]:
         # 8 phase epochs instead of 5 (its phase losses still fell at the 5th).
         "lr2mix": {"label": "joint, off-policy lr 2e-3 + the replay default",
                    "overrides": {**joint, **PREV_LR}},
+        # Section-steered inputs alone (without diverse's seed topics, which barely changed the
+        # 135M generator's inputs on French): never measured on shell_agent at full size.
+        "sections": {"label": "joint + inputs per section of a long prompt",
+                     "overrides": {**joint, "synth.section_inputs": 6}},
         "onmix8": {"label": "joint, 8 on-policy epochs + half the teacher replies replayed",
                    "overrides": {**joint, "train.on_policy_epochs": 8}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
