@@ -210,6 +210,8 @@ def settings() -> dict[str, dict]:
                      "overrides": {**joint, "synth.section_inputs": 6}},
         "onmix8": {"label": "joint, 8 on-policy epochs + half the teacher replies replayed",
                    "overrides": {**joint, "train.on_policy_epochs": 8}},
+        "lr2mix8": {"label": "joint, off-policy lr 2e-3, 8 on-policy epochs + the replay",
+                    "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }

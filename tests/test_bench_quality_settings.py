@@ -88,6 +88,8 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
     assert load_config(None, []).with_overrides(s["lr2mix"]["overrides"]).train == base.model_copy(update={"lr": 2e-3})
     assert load_config(None, []).with_overrides(s["onmix8"]["overrides"]).train == \
         base.model_copy(update={"on_policy_epochs": 8})
+    assert load_config(None, []).with_overrides(s["lr2mix8"]["overrides"]).train == \
+        base.model_copy(update={"lr": 2e-3, "on_policy_epochs": 8})
     assert s["sections"]["overrides"] == {**s["joint"]["overrides"], "synth.section_inputs": 6}
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
