@@ -214,6 +214,15 @@ def settings() -> dict[str, dict]:
                    "overrides": {**joint, "train.on_policy_epochs": 8}},
         "lr2mix8": {"label": "joint, off-policy lr 2e-3, 8 on-policy epochs + the replay",
                     "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8}},
+        # lr2mix8 pushed further on shell_agent's fit (2026-12-06, session 11): the phase at
+        # lr 1e-3 (its losses flattened at 5e-4 by the 7th epoch), one more off-policy epoch
+        # (off3 gave French +0.02 on the human set), or the phase in 2 rounds of fresh replies.
+        "lr2mix8on1": {"label": "lr2mix8, on-policy lr 1e-3",
+                       "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8, "train.on_policy_lr": 1e-3}},
+        "lr2off3mix8": {"label": "lr2mix8, 3 off-policy epochs",
+                        "overrides": {**joint, **PREV_LR, "train.epochs": 3, "train.on_policy_epochs": 8}},
+        "lr2mix8r2": {"label": "lr2mix8, the phase in 2 rounds of fresh replies",
+                      "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8, "train.on_policy_rounds": 2}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.
         "fp32": {"label": "joint, fp32 training", "overrides": {**joint, "train.autocast": "off"}},
     }

@@ -90,6 +90,11 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
         base.model_copy(update={"on_policy_epochs": 8})
     assert load_config(None, []).with_overrides(s["lr2mix8"]["overrides"]).train == \
         base.model_copy(update={"lr": 2e-3, "on_policy_epochs": 8})
+    lr2mix8 = {"lr": 2e-3, "on_policy_epochs": 8}
+    for arm, extra in (("lr2mix8on1", {"on_policy_lr": 1e-3}), ("lr2off3mix8", {"epochs": 3}),
+                       ("lr2mix8r2", {"on_policy_rounds": 2})):
+        assert load_config(None, []).with_overrides(s[arm]["overrides"]).train == \
+            base.model_copy(update={**lr2mix8, **extra}), arm
     assert s["sections"]["overrides"] == {**s["joint"]["overrides"], "synth.section_inputs": 6}
     for arm in ("val_kl", "diverse"):
         assert {k: v for k, v in s[arm]["overrides"].items() if k.startswith("train.w_")} == s["joint"]["overrides"]
