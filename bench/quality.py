@@ -289,20 +289,22 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
     for entry in bar:
         bar.set_postfix(prompt=entry.id)
         t0 = time.time()
+        n_tokens = len(tok(entry.prompt, add_special_tokens=False)["input_ids"])
+        pcfgs = prompt_configs(cfgs, entry, n_tokens)
         # The prompt folder is the synthesis' fingerprint: settings that agree on synth.* share one.
         groups: dict[str, list[str]] = {}
         for s in chosen:
             fp = fingerprint({"prompt": entry.prompt, "seeds": entry.seed_inputs, "model": identity,
-                              "tokenizer": tokenizer_identity(tok), "top_k": cfgs[s].engine.top_k_logprobs,
-                              "synth": cfgs[s].stage_dict("synth")})
+                              "tokenizer": tokenizer_identity(tok), "top_k": pcfgs[s].engine.top_k_logprobs,
+                              "synth": pcfgs[s].stage_dict("synth")})
             groups.setdefault(store.prompt_dir(entry.id, fp), []).append(s)
         adapters, train, synth, t_synth = {}, {}, {}, 0.0
         for pdir, names in groups.items():
             t = time.time()
-            summary = synthesize(engine, entry, cfgs[names[0]], store, pdir)  # resumes per file
+            summary = synthesize(engine, entry, pcfgs[names[0]], store, pdir)  # resumes per file
             t_synth += time.time() - t
             for s in names:
-                adapters[s], train[s] = _train(cfgs[s], store, entry, pdir, s, base, tok, resolved.path)
+                adapters[s], train[s] = _train(pcfgs[s], store, entry, pdir, s, base, tok, resolved.path)
                 synth[s] = {"dir": pdir.rsplit("/", 1)[-1], "diversity": summary.get("diversity"),
                             "inputs": {k: summary["inputs"][k] for k in ("kept", "diversity", "sections", "topics")
                                        if k in summary["inputs"]}}
@@ -314,7 +316,7 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
             own.update(_evaluate(store, pdir, entry, {s: adapters[s] for s in groups[pdir]},
                                  cfg.with_overrides(HELDOUT_ONLY, "quality: held-out only"), base, tok))
         results[entry.id] = summarize_prompt(
-            KINDS.get(entry.id, "other"), len(tok(entry.prompt, add_special_tokens=False)["input_ids"]),
+            KINDS.get(entry.id, "other"), n_tokens,
             evals, own, train, synth)
         results[entry.id]["seconds"] = {"synth": t_synth, "eval": time.time() - t2,
                                         "train": sum(t["pack_seconds"] for t in train.values())}
@@ -323,6 +325,15 @@ def run(model: str = "embedded", store_root: Path | None = None, prompts: list[s
             "config": {"overrides": [] if full else SUITE_OVERRIDES, "extra": overrides or []},
             "settings": {s: all_settings[s] for s in chosen}, "prompts": results,
             "summary": summarize(results, {s: all_settings[s] for s in chosen})}
+
+
+def prompt_configs(cfgs: dict, entry, n_tokens: int) -> dict:
+    """Each arm's config for one prompt. The default (`joint`) is what the product ships, so it
+    takes a long prompt's settings as the pipeline's plan gives them; the other arms measure
+    their overrides and nothing else."""
+    from genpi.pipeline.plan import prompt_config
+
+    return {s: prompt_config(c, entry, n_tokens)[0] if s == "joint" else c for s, c in cfgs.items()}
 
 
 def _train(scfg, store, entry, pdir: str, s: str, base, tok, base_path: str) -> tuple[str, dict]:

@@ -125,12 +125,11 @@ class TrainConfig(_Strict):
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    # Off-policy epochs (SFT + PG + KL on the teacher's replies). 2, then the on-policy phase
-    # (below), beat 4 off-policy epochs alone on French at full size in less training time
-    # (KL ratio 0.74 / 0.69 held-out / human vs 0.65 / 0.57; bench/quality.py's `offpolicy`).
+    # Off-policy epochs (SFT + PG + KL on the teacher's replies). 2 + the on-policy phase beat 4
+    # alone on French at full size in less time (README, bench/quality.py's `offpolicy`).
     epochs: int = Field(default=2, gt=0)
     # 5e-4 (2e-3 until 2026-12-06): ahead on the human-written set on all 7 short prompts at
-    # full size, 0.02 behind on shell_agent (README, `offlr05` in bench/quality.py).
+    # full size (README, `offlr05`); long prompts train at 2e-3 (long_prompt_tokens).
     lr: float = Field(default=5e-4, gt=0)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     batch_size: int = Field(default=8, gt=0)
@@ -154,8 +153,7 @@ class TrainConfig(_Strict):
     max_batch_tokens: int = Field(default=4096, gt=0)
     # Packed multi-adapter training: up to this many adapters share one frozen base per pack.
     pack_size: int = Field(default=8, ge=1)
-    # Stop an adapter early when its training loss has not improved for this many epochs
-    # (None = never); the others in its pack go on.
+    # Stop an adapter early when its training loss has not improved for this many epochs (None = never).
     early_stop_patience: int | None = Field(default=None, ge=1)
     # Held-out KL per prompt: this many training inputs (with their teacher top-k) are kept
     # out of training and scored after every epoch; the adapter kept is the epoch with the
@@ -172,9 +170,8 @@ class TrainConfig(_Strict):
     # adapter samples its own replies to its training inputs (no prompt), the teacher (the
     # same base with the prompt, in the same process) gives its top-k on those tokens, and the
     # adapter trains this many epochs on the KL between them (train.on_policy_divergence). 0 = off.
-    # On by default: it won on the quality suite (README) and on the French example above.
-    # 5 epochs (3 until 2026-12-05, 2 before): with the two settings below, 0.79 / 0.71 ->
-    # 0.83 / 0.76 KL ratio (held-out / human) on the French example at full size (README).
+    # On by default: it won on the quality suite (README). 5 epochs (3 until 2026-12-05, 2
+    # before): with the two settings below, French at full size 0.79 / 0.71 -> 0.83 / 0.76.
     on_policy_epochs: int = Field(default=5, ge=0)
     # As long as the evaluation's replies (eval.max_new_tokens; 64 until 2026-12-05): shorter
     # samples never train the late positions the KL ratio scores.
@@ -196,6 +193,9 @@ class TrainConfig(_Strict):
     # The phase's epochs in this many rounds, each on replies sampled afresh from the adapter as
     # it stands (GKD and OPCD sample the current student), one sampling pass each. 1 = once.
     on_policy_rounds: int = Field(default=1, gt=0)
+    # Prompts of this many tokens or more train with genpi.pipeline.plan.LONG_PROMPT_SETTINGS
+    # where neither the config nor the prompt's manifest entry sets them. 0 = off.
+    long_prompt_tokens: int = Field(default=1000, ge=0)
     # DeepSpeed ZeRO stage under Ray Train. 0-2 shard the adapters' optimizer state and
     # gradients; stage 3 is refused (see _no_zero3): every worker loads the whole base.
     zero_stage: int = 2
@@ -286,8 +286,8 @@ class GenpiConfig(_Strict):
 # so changing them does not redo finished work. Micro-batching adds up to the same gradients,
 # a pack trains each adapter as if alone (tested), ZeRO shards the same optimizer state, and
 # checkpoints only decide where a crashed run resumes. (engine.* but top_k_logprobs, cluster.* and
-# serve.* never enter a fingerprint at all.)
-HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps"}}
+# serve.* never enter a fingerprint at all.) long_prompt_tokens enters through the settings it sets.
+HOW_NOT_WHAT = {"train": {"max_batch_tokens", "pack_size", "zero_stage", "checkpoint_every_steps", "long_prompt_tokens"}}
 ON_POLICY_SETTINGS = ("on_policy_max_new_tokens", "on_policy_temperature", "on_policy_lr", "on_policy_divergence",
                       "on_policy_replay", "on_policy_rounds")
 # Settings added later, with the default that reproduces what came before them.

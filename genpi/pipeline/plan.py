@@ -18,6 +18,13 @@ from genpi.manifest import ManifestError, PromptEntry, validate_prompt_lengths
 from genpi.pipeline.records import PromptPlan
 from genpi.store import Store, fingerprint
 
+# What a prompt of train.long_prompt_tokens or more (1000: the quality issue's class of long
+# prompts) trains with instead of the defaults, which the short prompts chose. On shell_agent
+# (1,782 tokens) at full size, off-policy lr 2e-3 and 8 on-policy epochs took the KL ratio on
+# the human-written set from 0.64 to 0.67 (README, bench/quality.py's lr2mix8); on the 7 short
+# prompts lr 2e-3 lost (0.71 against 0.77), so they keep 5e-4 and 5 epochs.
+LONG_PROMPT_SETTINGS: dict[str, Any] = {"train.lr": 2e-3, "train.on_policy_epochs": 8}
+
 # The plan lists prompts one per line up to this many; beyond, totals and the odd ones out
 # (at most MAX_ODD_LINES of them), so that a plan of hundreds of prompts fits a screen.
 MAX_PLAN_LINES = 20
@@ -110,6 +117,26 @@ def check_lengths(entries: list[PromptEntry], tok, context: int, cfg: GenpiConfi
         raise ManifestError(problems)
 
 
+def _setting(cfg: GenpiConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def prompt_config(cfg: GenpiConfig, entry: PromptEntry, n_tokens: int) -> tuple[GenpiConfig, tuple[str, ...]]:
+    """One prompt's config, and the long-prompt settings it took: the run's config; then, for a
+    prompt of train.long_prompt_tokens or more, LONG_PROMPT_SETTINGS wherever the run's config
+    still holds the shipped default (a value set in a config file or on the command line wins,
+    even for long prompts); then the prompt's manifest entry's overrides, which win over both."""
+    long = {}
+    if cfg.train.long_prompt_tokens and n_tokens >= cfg.train.long_prompt_tokens:
+        shipped = GenpiConfig()
+        long = {k: v for k, v in LONG_PROMPT_SETTINGS.items() if _setting(cfg, k) == _setting(shipped, k)}
+    pcfg = cfg.with_overrides(long, f"long-prompt settings ({n_tokens} tokens)") if long else cfg
+    if entry.overrides:
+        pcfg = pcfg.with_overrides(entry.overrides, f"prompt '{entry.id}' overrides")
+    return pcfg, tuple(k for k, v in long.items() if _setting(pcfg, k) == v)
+
+
 def plan(entries: list[PromptEntry], cfg: GenpiConfig, store: Store, facts: ModelFacts) -> list[PromptPlan]:
     """Per-prompt configs and fingerprints, and whether each is already published."""
     check_lengths(entries, facts.tok, facts.context, cfg)
@@ -117,14 +144,14 @@ def plan(entries: list[PromptEntry], cfg: GenpiConfig, store: Store, facts: Mode
     tid = tokenizer_identity(facts.tok)
     plans = []
     for e in entries:
-        pcfg = cfg.with_overrides(e.overrides, f"prompt '{e.id}' overrides") if e.overrides else cfg
+        n_tokens = len(facts.tok(e.prompt, add_special_tokens=False)["input_ids"])
+        pcfg, long = prompt_config(cfg, e, n_tokens)
         fp = prompt_fingerprint(e, pcfg, facts.identity, tid)
         if store.is_done(e.id, fp):
             status = "unchanged"
         else:
             status = "changed" if e.id in reg else "new"
-        n_tokens = len(facts.tok(e.prompt, add_special_tokens=False)["input_ids"])
-        plans.append(PromptPlan(e, pcfg, fp, status, n_tokens))
+        plans.append(PromptPlan(e, pcfg, fp, status, n_tokens, long_settings=long))
     return plans
 
 
@@ -156,6 +183,16 @@ def _plan_line(p: PromptPlan, todo: bool, why: str = "") -> str:
             + (f"  [{why}]" if why else ""))
 
 
+def _settings_note(p: PromptPlan) -> str:
+    """The prompt's settings of its own: its manifest overrides, the long-prompt settings."""
+    notes = []
+    if p.entry.overrides:
+        notes.append("own settings: " + ", ".join(sorted(p.entry.overrides)))
+    if p.long_settings:
+        notes.append("long prompt: " + ", ".join(f"{k}={_setting(p.cfg, k)}" for k in p.long_settings))
+    return "; ".join(notes)
+
+
 def _odd_ones(plans: list[PromptPlan]) -> list[tuple[PromptPlan, str]]:
     """The prompts that differ from the bulk: a status other than the commonest one (e.g. the
     few changed among hundreds unchanged), or settings of their own (per-prompt overrides)."""
@@ -163,8 +200,8 @@ def _odd_ones(plans: list[PromptPlan]) -> list[tuple[PromptPlan, str]]:
     odd = []
     for p in plans:
         why = [p.status] if p.status != common else []
-        if p.entry.overrides:
-            why.append("own settings: " + ", ".join(sorted(p.entry.overrides)))
+        if _settings_note(p):
+            why.append(_settings_note(p))
         if why:
             odd.append((p, "; ".join(why)))
     return odd
@@ -180,7 +217,7 @@ def format_plan(plans: list[PromptPlan], force: bool = False) -> str:
     for p in todo:
         total.update(token_budget(p))
     if len(plans) <= MAX_PLAN_LINES:
-        lines = [_plan_line(p, id(p) in todo_ids) for p in plans]
+        lines = [_plan_line(p, id(p) in todo_ids, _settings_note(p)) for p in plans]
     else:
         lengths = sorted(plans, key=lambda p: p.prompt_tokens)
         longest = lengths[-1]

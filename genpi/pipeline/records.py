@@ -18,6 +18,8 @@ class PromptPlan:
     fingerprint: str
     status: str  # new | changed | unchanged
     prompt_tokens: int = 0
+    # The genpi.pipeline.plan.LONG_PROMPT_SETTINGS keys this prompt trains with.
+    long_settings: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
