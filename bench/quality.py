@@ -221,6 +221,11 @@ def settings() -> dict[str, dict]:
                        "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8, "train.on_policy_lr": 1e-3}},
         "lr2off3mix8": {"label": "lr2mix8, 3 off-policy epochs",
                         "overrides": {**joint, **PREV_LR, "train.epochs": 3, "train.on_policy_epochs": 8}},
+        "lr2mix8on2": {"label": "lr2mix8, on-policy lr 2e-3",
+                       "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8, "train.on_policy_lr": 2e-3}},
+        "lr2off3mix8on1": {"label": "lr2mix8, 3 off-policy epochs, on-policy lr 1e-3",
+                           "overrides": {**joint, **PREV_LR, "train.epochs": 3, "train.on_policy_epochs": 8,
+                                         "train.on_policy_lr": 1e-3}},
         "lr2mix8r2": {"label": "lr2mix8, the phase in 2 rounds of fresh replies",
                       "overrides": {**joint, **PREV_LR, "train.on_policy_epochs": 8, "train.on_policy_rounds": 2}},
         # The default trained in fp32 (train.autocast=off): what the CPU's bf16 autocast costs.

@@ -92,7 +92,8 @@ def test_settings_are_labelled_config_overrides_and_the_default_run_is_the_loss_
         base.model_copy(update={"lr": 2e-3, "on_policy_epochs": 8})
     lr2mix8 = {"lr": 2e-3, "on_policy_epochs": 8}
     for arm, extra in (("lr2mix8on1", {"on_policy_lr": 1e-3}), ("lr2off3mix8", {"epochs": 3}),
-                       ("lr2mix8r2", {"on_policy_rounds": 2})):
+                       ("lr2mix8r2", {"on_policy_rounds": 2}), ("lr2mix8on2", {"on_policy_lr": 2e-3}),
+                       ("lr2off3mix8on1", {"epochs": 3, "on_policy_lr": 1e-3})):
         assert load_config(None, []).with_overrides(s[arm]["overrides"]).train == \
             base.model_copy(update={**lr2mix8, **extra}), arm
     assert s["sections"]["overrides"] == {**s["joint"]["overrides"], "synth.section_inputs": 6}
