@@ -107,12 +107,12 @@ def test_the_default_arm_takes_the_long_prompt_settings_and_the_others_do_not(qu
 
     s = quality.settings()
     cfgs = {a: load_config(None, []).with_overrides(s[a]["overrides"])
-            for a in ("joint", "onmix5", "lr2off3mix8", "offlr05")}
+            for a in ("joint", "onmix5", "lr2off3mix8on1", "offlr05")}
     entry = PromptEntry(id="agent", prompt="You are an agent.")
     long, short = quality.prompt_configs(cfgs, entry, 1782), quality.prompt_configs(cfgs, entry, 300)
     assert short == cfgs and long["joint"] != cfgs["joint"]
-    assert long["joint"].train == cfgs["lr2off3mix8"].train  # the default on a long prompt: what that arm measured
-    others = ("onmix5", "lr2off3mix8", "offlr05")
+    assert long["joint"].train == cfgs["lr2off3mix8on1"].train  # the default on a long prompt: what that arm measured
+    others = ("onmix5", "lr2off3mix8on1", "offlr05")
     assert {a: long[a] for a in others} == {a: cfgs[a] for a in others}
 
 

@@ -19,8 +19,9 @@ def _train(cfg, **kw):
 def test_a_long_prompt_takes_the_long_settings_and_a_short_one_does_not():
     cfg = load_config(None, [])
     long_cfg, taken = prompt_config(cfg, ENTRY, 1782)
-    assert taken == tuple(LONG_PROMPT_SETTINGS) == ("train.lr", "train.epochs", "train.on_policy_epochs")
-    assert long_cfg.train == _train(cfg, lr=2e-3, epochs=3, on_policy_epochs=8)
+    assert taken == tuple(LONG_PROMPT_SETTINGS) == ("train.lr", "train.epochs", "train.on_policy_epochs",
+                                                    "train.on_policy_lr")
+    assert long_cfg.train == _train(cfg, lr=2e-3, epochs=3, on_policy_epochs=8, on_policy_lr=1e-3)
     assert long_cfg.train != cfg.train  # the defaults differ from them, so the rule changes something
     short_cfg, taken = prompt_config(cfg, ENTRY, 999)
     assert taken == () and short_cfg == cfg
@@ -31,12 +32,13 @@ def test_settings_the_user_set_win_over_the_long_prompt_ones():
     # on the command line (or in a config file): kept, even for a long prompt
     cfg = load_config(None, ["train.lr=1e-3"])
     pcfg, taken = prompt_config(cfg, ENTRY, 1782)
-    assert taken == ("train.epochs", "train.on_policy_epochs")
-    assert pcfg.train == _train(cfg, lr=1e-3, epochs=3, on_policy_epochs=8)
+    assert taken == ("train.epochs", "train.on_policy_epochs", "train.on_policy_lr")
+    assert pcfg.train == _train(cfg, lr=1e-3, epochs=3, on_policy_epochs=8, on_policy_lr=1e-3)
     # in the prompt's manifest entry: applied last, and not reported as a long-prompt setting
     entry = ENTRY.model_copy(update={"overrides": {"train.on_policy_epochs": 3}})
     pcfg, taken = prompt_config(load_config(None, []), entry, 1782)
-    assert taken == ("train.lr", "train.epochs") and pcfg.train.on_policy_epochs == 3 and pcfg.train.lr == 2e-3
+    assert taken == ("train.lr", "train.epochs", "train.on_policy_lr")
+    assert pcfg.train.on_policy_epochs == 3 and pcfg.train.lr == 2e-3
     # train.long_prompt_tokens=0 turns the rule off; a higher threshold moves it
     assert prompt_config(load_config(None, ["train.long_prompt_tokens=0"]), ENTRY, 10**6)[1] == ()
     assert prompt_config(load_config(None, ["train.long_prompt_tokens=2000"]), ENTRY, 1782)[1] == ()
@@ -74,5 +76,5 @@ def test_the_plan_gives_long_prompts_their_settings_and_says_so(tmp_path, n_plan
     assert all(by_id[e.id].cfg == cfg and not by_id[e.id].long_settings for e in shorts)
     text = format_plan(plans)
     [line] = [ln for ln in text.splitlines() if ln.lstrip().startswith("long ")]
-    assert "long prompt: train.lr=0.002, train.epochs=3, train.on_policy_epochs=8" in line
+    assert "long prompt: train.lr=0.002, train.epochs=3, train.on_policy_epochs=8, train.on_policy_lr=0.001" in line
     assert "long prompt" not in text.replace(line, "")

@@ -312,8 +312,8 @@ def test_long_agent_prompt_is_internalized_without_truncation(tiny_overrides, tm
     assert entry.prompt.strip()[-200:] in target and target.rstrip().endswith("<|im_end|>")
     # The long-prompt settings reach training: lr 2e-3 (the run left the default), the epochs
     # as the run set them (train.epochs=1, train.on_policy_epochs=1 in the tiny overrides).
-    assert "long prompt: train.lr=0.002" in out and "epochs=" not in out
+    assert "long prompt: train.lr=0.002, train.on_policy_lr=0.001" in out and "epochs=" not in out
     spec = json.loads((fpdir / "spec.json").read_text())["config"]["train"]
-    assert (spec["lr"], spec["epochs"], spec["on_policy_epochs"]) == (2e-3, 1, 1)
+    assert (spec["lr"], spec["epochs"], spec["on_policy_epochs"], spec["on_policy_lr"]) == (2e-3, 1, 1, 1e-3)
     history = json.loads((fpdir / "train.json").read_text())["history"]
     assert max(h["lr"] for h in history) == pytest.approx(2e-3, rel=0.05)
