@@ -24,7 +24,7 @@ from genpi.store import Store, fingerprint
 # lr 1e-3, took the KL ratio on the human-written set from 0.64 to 0.71, each of the four a
 # step of 0.01-0.03 (README, bench/quality.py's lr2mix, lr2mix8, lr2off3mix8, lr2off3mix8on1);
 # on the 7 short prompts lr 2e-3 lost (0.71 against 0.77), so they keep the defaults. It costs
-# the long prompt about 1.6 times the default's training time.
+# the long prompt about 1.3 times the default's training time.
 LONG_PROMPT_SETTINGS: dict[str, Any] = {"train.lr": 2e-3, "train.epochs": 3, "train.on_policy_epochs": 8,
                                         "train.on_policy_lr": 1e-3}
 
