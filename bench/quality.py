@@ -203,7 +203,8 @@ def settings() -> dict[str, dict]:
         # preferred without the replay (0.64 / 0.63 against 0.61 / 0.61 at 5e-4), now with it; and
         # 8 phase epochs instead of 5 (its phase losses still fell at the 5th). Measured at full
         # size 2026-12-06 (README): lr2mix 0.67 / 0.65, lr2mix8 0.68 / 0.67, sections 0.62 on the
-        # human set; onmix8 alone not run. None reaches 0.7, so none is the default.
+        # human set; onmix8 alone not run. None reached 0.7; lr2off3mix8on1 (below) did, and is
+        # what prompts of 1000+ tokens train with (genpi.pipeline.plan.LONG_PROMPT_SETTINGS).
         "lr2mix": {"label": "joint, off-policy lr 2e-3 + the replay default",
                    "overrides": {**joint, **PREV_LR}},
         # Section-steered inputs alone (without diverse's seed topics, which barely changed the

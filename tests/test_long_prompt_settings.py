@@ -68,13 +68,18 @@ def test_the_plan_gives_long_prompts_their_settings_and_says_so(tmp_path, n_plan
 
     monkeypatch.setattr(plan_mod, "tokenizer_identity", lambda tok: "words")
     long = PromptEntry(id="long", prompt="word " * 1200)
-    shorts = [PromptEntry(id=f"short{i}", prompt="Answer in French.") for i in range(n_plans - 1)]
+    shorts = [PromptEntry(id=f"short{i}", prompt="Answer in French.") for i in range(n_plans - 2)]
+    shorts.append(PromptEntry(id="own", prompt="Answer in Spanish.", overrides={"train.epochs": 4}))
     cfg = load_config(None, [])
     plans = plan([long, *shorts], cfg, Store(tmp_path), ModelFacts("model", "/m", _WordTokenizer(), 8192))
     by_id = {p.id: p for p in plans}
     assert by_id["long"].cfg.train.lr == 2e-3 and by_id["long"].long_settings == tuple(LONG_PROMPT_SETTINGS)
-    assert all(by_id[e.id].cfg == cfg and not by_id[e.id].long_settings for e in shorts)
+    assert all(by_id[e.id].cfg == cfg and not by_id[e.id].long_settings for e in shorts[:-1])
+    assert by_id["own"].cfg.train == _train(cfg, epochs=4) and not by_id["own"].long_settings
     text = format_plan(plans)
     [line] = [ln for ln in text.splitlines() if ln.lstrip().startswith("long ")]
     assert "long prompt: train.lr=0.002, train.epochs=3, train.on_policy_epochs=8, train.on_policy_lr=0.001" in line
     assert "long prompt" not in text.replace(line, "")
+    # a prompt's own manifest overrides are marked too, in a short plan as in a long one
+    [own] = [ln for ln in text.splitlines() if ln.lstrip().startswith("own ")]
+    assert own.endswith("[own settings: train.epochs]")

@@ -128,8 +128,9 @@ def _setting(cfg: GenpiConfig, key: str) -> Any:
 def prompt_config(cfg: GenpiConfig, entry: PromptEntry, n_tokens: int) -> tuple[GenpiConfig, tuple[str, ...]]:
     """One prompt's config, and the long-prompt settings it took: the run's config; then, for a
     prompt of train.long_prompt_tokens or more, LONG_PROMPT_SETTINGS wherever the run's config
-    still holds the shipped default (a value set in a config file or on the command line wins,
-    even for long prompts); then the prompt's manifest entry's overrides, which win over both."""
+    still holds the shipped default (a value other than the default, from a config file or the
+    command line, wins even for long prompts; the config keeps no record of which values were
+    written, so one written equal to the default is not told apart from it); then the prompt's manifest entry's overrides, which win over both."""
     long = {}
     if cfg.train.long_prompt_tokens and n_tokens >= cfg.train.long_prompt_tokens:
         shipped = GenpiConfig()
